@@ -1,0 +1,311 @@
+"""Cerberus decoding: draft heads, the entropy gate, tree verification and the decode loop.
+
+One decoding step, as in the paper (Liu et al., arXiv 2410.13344):
+    gate:    entropy of the next-token distribution; high -> a plain AR step, low -> a parallel step
+    propose: the heads read the last accepted hidden state and fill a token tree from their top-k
+    verify:  one backbone forward over the whole tree (tree attention mask); keep the deepest node
+             whose every ancestor is the backbone's own greedy choice, plus the backbone's next token
+    keep:    compact the accepted path's K/V in the cache; the rest is overwritten later
+The output is token for token the output of plain greedy AR: drafts only change the speed.
+"""
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import KVCache
+
+
+# ----------------------------------------------------------------------------------------------
+# Heads. Head k (k = 1..K) guesses the token k steps after the backbone's own next token, from the
+# backbone's last hidden state h. Both kinds run all K heads in one batched op (einsum over
+# stacked weights) and share the backbone's lm_head, so they only add small C x C matrices.
+
+class MedusaHeads(nn.Module):
+    """K independent stacks of residual blocks x + SiLU(W x); zero init, so each starts as h itself."""
+
+    def __init__(self, config, n_heads=4, n_layers=1):
+        super().__init__()
+        C = config.n_embd
+        self.n_heads, self.n_embd, self.vocab_size = n_heads, C, config.vocab_size
+        self.spec = dict(kind="medusa", n_heads=n_heads, n_layers=n_layers)
+        self.weight = nn.Parameter(torch.zeros(n_layers, n_heads, C, C))
+        self.bias = nn.Parameter(torch.zeros(n_layers, n_heads, C))
+
+    def forward(self, hidden):
+        """(..., C) -> (K, ..., C): one state per head, for the shared lm_head."""
+        h = hidden.reshape(-1, hidden.shape[-1])  # (M, C)
+        z = h.expand(self.n_heads, *h.shape)  # (K, M, C)
+        for w, b in zip(self.weight, self.bias):
+            z = z + F.silu(torch.einsum("kmc,kdc->kmd", z, w) + b[:, None])
+        return z.reshape(self.n_heads, *hidden.shape)
+
+
+class CerberusHeads(nn.Module):
+    """Heads with the sequential-knowledge link inside (DESIGN §1).
+
+    stage 1:  z_k = h + SiLU(W_k h)                      z_0 = h (head 1's "previous head" is the backbone)
+    stage 2:  s_k = z_k + SiLU(A_k [z_k ; z_{k-1}])      head k also sees what head k-1 computed
+    Zero init makes every head start as h itself. All K heads are still one batched pass.
+    """
+
+    def __init__(self, config, n_heads=4):
+        super().__init__()
+        C = config.n_embd
+        self.n_heads, self.n_embd, self.vocab_size = n_heads, C, config.vocab_size
+        self.spec = dict(kind="cerberus", n_heads=n_heads)
+        self.w1 = nn.Parameter(torch.zeros(n_heads, C, C))
+        self.b1 = nn.Parameter(torch.zeros(n_heads, C))
+        self.w2 = nn.Parameter(torch.zeros(n_heads, C, 2 * C))
+        self.b2 = nn.Parameter(torch.zeros(n_heads, C))
+
+    def forward(self, hidden):
+        """(..., C) -> (K, ..., C)."""
+        h = hidden.reshape(1, -1, hidden.shape[-1])  # (1, M, C)
+        z = h + F.silu(torch.einsum("mc,kdc->kmd", h[0], self.w1) + self.b1[:, None])  # (K, M, C)
+        z_prev = torch.cat([h, z[:-1]])  # (K, M, C): z_{k-1}
+        s = z + F.silu(torch.einsum("kmc,kdc->kmd", torch.cat([z, z_prev], -1), self.w2) + self.b2[:, None])
+        return s.reshape(self.n_heads, *hidden.shape)
+
+
+def build_heads(config, spec):
+    """Heads from their spec dict (as stored in checkpoints): {"kind": "medusa"|"cerberus", ...}."""
+    kinds = {"medusa": MedusaHeads, "cerberus": CerberusHeads}
+    spec = dict(spec)
+    kind = spec.pop("kind")
+    if kind not in kinds:
+        raise ValueError(f"unknown head kind {kind!r}; expected one of {sorted(kinds)}")
+    return kinds[kind](config, **spec)
+
+
+def parameter_count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def head_logits(heads, lm_weight, hidden, n):
+    """Draft logits of the first n heads through the shared lm_head: (..., C) -> (n, ..., V).
+
+    Computed in the heads' dtype (e.g. bfloat16): drafts never change the output, only the speed.
+    """
+    states = heads(hidden.to(lm_weight.dtype))[:n]
+    return F.linear(states, lm_weight)
+
+
+def entropy(logits):
+    """Entropy in nats of softmax(logits) over the last dimension."""
+    logp = logits.float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Trees. Node 0 is the root: the token the backbone already chose. Node i > 0 at depth d takes the
+# rank[i]-th candidate of head d. `parents` is in topological order (parent index < node index);
+# depth, rank and the ancestor matrix are derived from it once.
+
+# Assumed chance that head d's rank-r candidate is right (rows: heads 1..4). Only shapes the presets;
+# train.py measures the real table and Tree.best builds a tree from it.
+DEFAULT_ACCURACY = [
+    [0.45, 0.12, 0.06, 0.04, 0.03, 0.02, 0.015, 0.01, 0.01, 0.01],
+    [0.30, 0.10, 0.05, 0.03, 0.02, 0.015, 0.01, 0.01, 0.01, 0.01],
+    [0.20, 0.08, 0.04, 0.03, 0.02, 0.01, 0.01, 0.01, 0.01, 0.01],
+    [0.15, 0.06, 0.03, 0.02, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01],
+]
+
+
+class Tree:
+    def __init__(self, paths):
+        """paths: Medusa-style rank tuples, e.g. [(0,), (1,), (0, 0)]: (0, 0) is head 1's top
+        candidate followed by head 2's top candidate. Every prefix of a path must be a path too."""
+        paths = sorted(set(map(tuple, paths)), key=lambda p: (len(p), p))
+        index = {(): 0}
+        for p in paths:
+            if len(p) == 0 or any(r < 0 for r in p):
+                raise ValueError(f"bad tree path {p!r}: paths are non-empty tuples of ranks >= 0")
+            if p[:-1] not in index:
+                raise ValueError(f"tree path {p!r} lacks its parent {p[:-1]!r}; list every prefix")
+            index[p] = len(index)
+        self.paths = paths
+        N = len(index)
+        self.parents = torch.tensor([-1] + [index[p[:-1]] for p in paths])  # (N,)
+        self.depth = torch.tensor([0] + [len(p) for p in paths])  # (N,)
+        self.rank = torch.tensor([0] + [p[-1] for p in paths])  # (N,)
+        self.ancestors = torch.eye(N, dtype=torch.bool)  # (N, N): ancestors[i, j] = j is on root..i
+        for i in range(1, N):
+            self.ancestors[i] |= self.ancestors[self.parents[i]]
+        self.n_nodes, self.max_depth = N, len(paths[-1]) if paths else 0
+        self.max_rank = int(self.rank.max())
+
+    @classmethod
+    def chain(cls, k):
+        """k drafts in a line: plain speculative decoding with the heads as the draft model."""
+        return cls([(0,) * d for d in range(1, k + 1)])
+
+    @classmethod
+    def best(cls, accuracy, n_nodes):
+        """The n_nodes-node tree of largest expected accepted length, if head d's rank-r candidate
+        is right with chance accuracy[d-1][r], independently: grow best-first by path probability."""
+        chosen, frontier = [], {(r,): accuracy[0][r] for r in range(len(accuracy[0]))}
+        while frontier and len(chosen) < n_nodes - 1:
+            path = max(frontier, key=frontier.get)
+            p = frontier.pop(path)
+            chosen.append(path)
+            if len(path) < len(accuracy):
+                for r, a in enumerate(accuracy[len(path)]):
+                    frontier[path + (r,)] = p * a
+        return cls(chosen)
+
+    @classmethod
+    def preset(cls, name):
+        """'chain1'..'chain5', or 'sparse8'/'sparse16'/'sparse32'/'sparse64' (nodes, root included)."""
+        if name.startswith("chain") and name[5:] in {"1", "2", "3", "4", "5"}:
+            return cls.chain(int(name[5:]))
+        if name.startswith("sparse") and name[6:] in {"8", "16", "32", "64"}:
+            return cls.best(DEFAULT_ACCURACY, int(name[6:]))
+        raise ValueError(f"unknown tree preset {name!r}; choose chain1..chain5 or sparse8/16/32/64")
+
+    def to(self, device):
+        for name in ("parents", "depth", "rank", "ancestors"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def mask(self, n_cached):
+        """(N, L + N) bool attention mask: every committed token, then the node's own ancestors."""
+        seen = torch.ones(self.n_nodes, n_cached, dtype=torch.bool, device=self.ancestors.device)
+        return torch.cat([seen, self.ancestors], dim=1)
+
+    def __repr__(self):
+        return f"Tree(n_nodes={self.n_nodes}, max_depth={self.max_depth}, paths={self.paths})"
+
+
+def propose(drafts, root, tree):
+    """Fill the tree: root (1,) and drafts (K, V), the heads' logits -> node tokens (N,)."""
+    top = drafts.topk(tree.max_rank + 1, dim=-1).indices  # (K, R)
+    return torch.cat([root, top[tree.depth[1:] - 1, tree.rank[1:]]])
+
+
+def verify(tokens, target, tree):
+    """Greedy verification. tokens (N,) drafted; target (N,) the backbone's argmax at each node.
+
+    A node is correct if its token is the backbone's choice after its parent. Returns the accepted
+    path (node indices, root first): the deepest node whose ancestors are all correct.
+    """
+    correct = torch.ones_like(tokens, dtype=torch.bool)
+    correct[1:] = tokens[1:] == target[tree.parents[1:]]
+    all_correct = ~(tree.ancestors & ~correct).any(-1)  # (N,) the whole root..node path is correct
+    best = torch.argmax(tree.depth * all_correct)
+    return tree.ancestors[best].nonzero().squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The decode loop.
+
+@dataclass
+class Stats:
+    steps: int = 0  # backbone forwards in decode (prefill excluded)
+    ar_steps: int = 0  # of which plain AR steps (the gate said no, or no heads)
+    new_tokens: int = 0
+    accept_lengths: list = field(default_factory=list)  # drafts accepted at each parallel step
+    trace: list = None  # per step: gate value, tree tokens, accepted path, emitted tokens (trace=True)
+
+    @property
+    def tokens_per_step(self):
+        """tau: tokens emitted per backbone forward, the backbone's own token included (AR = 1)."""
+        return self.new_tokens / max(self.steps, 1)
+
+    @property
+    def accept_histogram(self):
+        return dict(sorted(Counter(self.accept_lengths).items()))
+
+
+def check_request(model, prompt, max_new_tokens, heads, tree):
+    """Turn bad input into a ValueError that names the problem and the fix."""
+    cfg = model.config
+    if prompt.ndim != 1 or len(prompt) == 0:
+        raise ValueError("the prompt is empty (or not 1-D): pass at least one token id")
+    if int(prompt.min()) < 0 or int(prompt.max()) >= cfg.vocab_size:
+        raise ValueError(f"prompt token ids must lie in [0, {cfg.vocab_size}); got {int(prompt.min())}.."
+                         f"{int(prompt.max())} (was the text encoded with this model's tokenizer?)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    depth = tree.max_depth if tree is not None else 0
+    if len(prompt) + max_new_tokens + depth > cfg.block_size:
+        raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) + tree depth ({depth}) "
+                         f"exceeds the context of {cfg.block_size} tokens; shorten the prompt or generate less")
+    if tree is not None and heads is None:
+        raise ValueError("a tree needs draft heads: pass heads=... or drop tree=")
+    if heads is not None:
+        if (heads.n_embd, heads.vocab_size) != (cfg.n_embd, cfg.vocab_size):
+            raise ValueError(f"heads were built for width {heads.n_embd} / vocab {heads.vocab_size}, but the "
+                             f"model has {cfg.n_embd} / {cfg.vocab_size}: train heads for this model")
+        if tree.max_depth > heads.n_heads:
+            raise ValueError(f"tree depth {tree.max_depth} needs {tree.max_depth} heads, but only "
+                             f"{heads.n_heads} are given: use a shallower tree or more heads")
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, max_new_tokens, heads=None, tree=None, gate_threshold=float("inf"),
+             eos_id=None, gate_on="backbone", trace=False):
+    """Greedy decoding of one prompt; returns (new token ids, Stats). Without heads: plain AR.
+
+    With heads: at each step, if the entropy of the gate's distribution (`gate_on`: "backbone",
+    the next-token distribution; or "head1", head 1's) is below `gate_threshold`, a parallel step
+    (0 = always AR, inf = always parallel). The ids are those of greedy AR whatever the heads do.
+    """
+    device = model.embed.weight.device
+    prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
+    if heads is not None and tree is None:
+        tree = Tree.chain(heads.n_heads)
+    check_request(model, prompt, max_new_tokens, heads, tree)
+    if heads is not None:
+        tree = tree.to(device)
+        lm_weight = model.lm_head.weight.to(next(heads.parameters()).dtype)  # drafts in the heads' dtype
+
+    cache = KVCache(model.config, len(prompt) + max_new_tokens + (tree.n_nodes if tree else 1),
+                    device=device, dtype=model.embed.weight.dtype)
+    logits, hidden = model(prompt[None], cache)  # prefill
+    cache.length = len(prompt)
+    next_logits, last_hidden = logits[0, -1], hidden[0, -1]  # (V,), (C,) at the last accepted token
+    out, stats = [], Stats(trace=[] if trace else None)
+
+    while True:
+        root = next_logits.argmax().view(1)  # the backbone's own next token, (1,)
+        drafts = gate = None
+        parallel = heads is not None and gate_threshold > 0
+        if parallel and gate_on == "head1":
+            drafts = head_logits(heads, lm_weight, last_hidden, max(tree.max_depth, 1))
+            gate = float(entropy(drafts[0]))
+        elif parallel and gate_threshold < math.inf:
+            gate = float(entropy(next_logits))
+        parallel = parallel and (gate is None or gate < gate_threshold)
+
+        if parallel:  # propose -> verify -> keep
+            if drafts is None:
+                drafts = head_logits(heads, lm_weight, last_hidden, tree.max_depth)
+            tokens = propose(drafts, root, tree)  # (N,)
+            logits, hidden = model(tokens[None], cache, pos=cache.length + tree.depth, mask=tree.mask(cache.length))
+            path = verify(tokens, logits[0].argmax(-1), tree)  # accepted nodes, root first
+            cache.keep(path)
+            best = path[-1]
+            next_logits, last_hidden, accepted = logits[0, best], hidden[0, best], tokens[path]
+            stats.accept_lengths.append(len(path) - 1)
+        else:  # plain AR step
+            logits, hidden = model(root[None], cache)
+            cache.length += 1
+            next_logits, last_hidden, accepted = logits[0, -1], hidden[0, -1], root
+            stats.ar_steps += 1
+        stats.steps += 1
+
+        new = accepted.tolist()
+        if eos_id is not None and eos_id in new:
+            new = new[:new.index(eos_id) + 1]  # EOS may arrive inside an accepted chunk
+        new = new[:max_new_tokens - len(out)]
+        out += new
+        stats.new_tokens += len(new)
+        if trace:
+            stats.trace.append(dict(gate=gate, tree=tokens.tolist() if parallel else None,
+                                    path=path.tolist() if parallel else None, emitted=new))
+        if len(out) >= max_new_tokens or (eos_id is not None and out[-1] == eos_id):
+            return out, stats
