@@ -88,10 +88,11 @@ def parameter_count(module):
 def head_logits(heads, lm_weight, hidden, n):
     """Draft logits of the first n heads through the shared lm_head: (..., C) -> (n, ..., V).
 
-    Computed in the heads' dtype (e.g. bfloat16): drafts never change the output, only the speed.
+    The heads and lm_weight may be in a cheaper dtype than the backbone (bfloat16, say): drafts never
+    change the output, only the speed.
     """
-    states = heads(hidden.to(lm_weight.dtype))[:n]
-    return F.linear(states, lm_weight)
+    states = heads(hidden.to(next(heads.parameters()).dtype))[:n]
+    return F.linear(states.to(lm_weight.dtype), lm_weight)
 
 
 def entropy(logits):

@@ -211,11 +211,12 @@ class GPT(nn.Module):
         return self.lm_head(hidden), hidden
 
     def fingerprint(self):
-        """A short hash of the config and a few weights: heads trained for one backbone refuse another."""
+        """A short hash of the config and a few weights, the same in any dtype: heads trained for one
+        backbone refuse another."""
         import hashlib
         h = hashlib.sha256(repr(self.config).encode())
         for w in (self.embed.weight, self.blocks[0].attn.q_proj.weight, self.norm.weight):
-            h.update(w.detach().float().cpu().flatten()[:4096].numpy().tobytes())
+            h.update(w.detach().flatten()[:4096].to("cpu", torch.bfloat16).float().numpy().tobytes())
         return h.hexdigest()[:16]
 
 
