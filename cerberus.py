@@ -21,8 +21,8 @@ from model import KVCache
 
 # ----------------------------------------------------------------------------------------------
 # Heads. Head k (k = 1..K) guesses the token k steps after the backbone's own next token, from the
-# backbone's last hidden state h. Both kinds run all K heads in one batched op (einsum over
-# stacked weights) and share the backbone's lm_head, so they only add small C x C matrices.
+# backbone's last hidden state h. Both kinds run all K heads in one batched matmul over
+# stacked weights and share the backbone's lm_head, so they only add small C x C matrices.
 
 class MedusaHeads(nn.Module):
     """K independent stacks of residual blocks x + SiLU(W x); zero init, so each starts as h itself."""
@@ -40,7 +40,7 @@ class MedusaHeads(nn.Module):
         h = hidden.reshape(-1, hidden.shape[-1])  # (M, C)
         z = h.expand(self.n_heads, *h.shape)  # (K, M, C)
         for w, b in zip(self.weight, self.bias):
-            z = z + F.silu(torch.einsum("kmc,kdc->kmd", z, w) + b[:, None])
+            z = z + F.silu(z @ w.mT + b[:, None])  # per head: z_k + SiLU(W_k z_k + b_k)
         return z.reshape(self.n_heads, *hidden.shape)
 
 
@@ -65,9 +65,9 @@ class CerberusHeads(nn.Module):
     def forward(self, hidden):
         """(..., C) -> (K, ..., C)."""
         h = hidden.reshape(1, -1, hidden.shape[-1])  # (1, M, C)
-        z = h + F.silu(torch.einsum("mc,kdc->kmd", h[0], self.w1) + self.b1[:, None])  # (K, M, C)
-        z_prev = torch.cat([h, z[:-1]])  # (K, M, C): z_{k-1}
-        s = z + F.silu(torch.einsum("kmc,kdc->kmd", torch.cat([z, z_prev], -1), self.w2) + self.b2[:, None])
+        z = h + F.silu(h @ self.w1.mT + self.b1[:, None])  # (K, M, C): z_k = h + SiLU(W_k h)
+        z_prev = torch.cat([h, z[:-1]])  # (K, M, C): z_{k-1}, with z_0 = h
+        s = z + F.silu(torch.cat([z, z_prev], -1) @ self.w2.mT + self.b2[:, None])  # (K, M, C)
         return s.reshape(self.n_heads, *hidden.shape)
 
 

@@ -1,0 +1,173 @@
+"""Cerberus decoding is lossless: for any heads, tree and gate it emits exactly greedy AR's tokens."""
+import math
+
+import pytest
+import torch
+
+import cerberus
+from cerberus import CerberusHeads, MedusaHeads, Tree, generate, parameter_count, verify
+from conftest import TINY, perturb, tiny_gpt
+from model import GPTConfig, KVCache
+
+PROMPT = [5, 17, 99, 3, 42]
+HAND_MADE = {
+    "chain": [(0,), (0, 0), (0, 0, 0)],
+    "wide_shallow": [(0,), (1,), (2,), (3,), (4,), (5,)],
+    "single_node": [(0,)],
+    "lopsided": [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 0, 0)],
+}
+TREES = {**{name: Tree.preset(name) for name in ["chain1", "chain4", "sparse8", "sparse16", "sparse32", "sparse64"]},
+         **{name: Tree(paths) for name, paths in HAND_MADE.items()}}
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("kind", [MedusaHeads, CerberusHeads])
+def test_every_tree_gate_and_eos_reproduces_greedy_ar(seed, kind):
+    """The central promise: verification never lets a wrong draft through, nor loses a token."""
+    model = tiny_gpt(seed)
+    heads = perturb(kind(TINY, n_heads=4), seed)
+    reference, _ = generate(model, PROMPT, max_new_tokens=30)
+    eos = reference[13]  # a token that does occur, to exercise cutting inside accepted chunks
+    reference_eos = reference[:reference.index(eos) + 1]
+    gates = [(0.0, "backbone"), (2.5, "backbone"), (2.5, "head1"), (math.inf, "backbone")]
+    for name, tree in TREES.items():
+        for threshold, gate_on in gates:
+            ids, stats = generate(model, PROMPT, 30, heads=heads, tree=tree, gate_threshold=threshold, gate_on=gate_on)
+            assert ids == reference, (name, threshold, gate_on)
+            assert stats.new_tokens == 30
+        ids, _ = generate(model, PROMPT, 30, heads=heads, tree=tree, eos_id=eos)
+        assert ids == reference_eos, name
+
+
+def test_gate_extremes():
+    """Threshold 0 never runs a parallel step; infinity never runs an AR step."""
+    model, heads = tiny_gpt(), perturb(CerberusHeads(TINY, 4), 0)
+    _, always_ar = generate(model, PROMPT, 20, heads=heads, tree=Tree.preset("sparse8"), gate_threshold=0.0)
+    _, never_ar = generate(model, PROMPT, 20, heads=heads, tree=Tree.preset("sparse8"))
+    assert always_ar.ar_steps == always_ar.steps == 20 and always_ar.accept_lengths == []
+    assert never_ar.ar_steps == 0 and len(never_ar.accept_lengths) == never_ar.steps
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4])
+def test_oracle_drafts_are_accepted_to_full_depth(depth, monkeypatch):
+    """Drafts equal to the true greedy future are always accepted: each step yields depth + 1 tokens."""
+    model = tiny_gpt(1)
+    reference, _ = generate(model, PROMPT, max_new_tokens=41)
+    position = {"next": 0}  # index in `reference` of the root of the coming step
+
+    def oracle(drafts, root, tree):
+        j = position["next"]
+        assert int(root) == reference[j]  # holds only if every earlier step accepted fully
+        position["next"] = j + depth + 1
+        future = reference[j + 1:j + 1 + depth] + [0] * depth  # pad past the end: never checked
+        return torch.tensor([reference[j]] + future[:depth])
+
+    monkeypatch.setattr(cerberus, "propose", oracle)
+    ids, stats = generate(model, PROMPT, 41, heads=CerberusHeads(TINY, 4), tree=Tree.chain(depth))
+    assert ids == reference
+    assert stats.steps == math.ceil(41 / (depth + 1))
+    assert stats.accept_lengths[:-1] == [depth] * (stats.steps - 1)
+
+
+@torch.no_grad()
+def test_tree_node_logits_equal_running_its_path_as_a_sequence():
+    """Guards tree positions (L + depth, not L + index) and the ancestor mask."""
+    model, tree = tiny_gpt(2), Tree.preset("sparse16")
+    prefix = torch.tensor([PROMPT])
+    tokens = torch.randint(0, 256, (tree.n_nodes,))
+    cache = KVCache(TINY, 64)
+    model(prefix, cache)
+    cache.length = prefix.shape[1]
+    logits, hidden = model(tokens[None], cache, pos=cache.length + tree.depth, mask=tree.mask(cache.length))
+    for node in range(tree.n_nodes):
+        path = tokens[tree.ancestors[node]]
+        plain_logits, plain_hidden = model(torch.cat([prefix[0], path])[None])
+        torch.testing.assert_close(logits[0, node], plain_logits[0, -1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hidden[0, node], plain_hidden[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_tree_from_paths_derives_structure():
+    tree = Tree([(1,), (0,), (0, 0), (0, 1), (0, 0, 0)])  # order of the input does not matter
+    assert tree.paths == [(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]
+    assert tree.parents.tolist() == [-1, 0, 0, 1, 1, 3]
+    assert tree.depth.tolist() == [0, 1, 1, 2, 2, 3]
+    assert tree.rank.tolist() == [0, 0, 1, 0, 1, 0]
+    assert tree.ancestors[5].tolist() == [True, True, False, True, False, True]
+    assert tree.mask(2)[5].tolist() == [True, True, True, True, False, True, False, True]
+    assert (tree.mask(2).sum(1) >= 1).all()  # no fully masked row (it would give NaN)
+    assert Tree.chain(3).parents.tolist() == [-1, 0, 1, 2]
+    for n in (8, 16, 32, 64):
+        assert Tree.preset(f"sparse{n}").n_nodes == n and Tree.preset(f"sparse{n}").max_depth <= 4
+
+
+def test_verify_picks_deepest_fully_correct_path():
+    tree = Tree([(0,), (1,), (0, 0), (1, 0)])  # nodes: 0 root, 1 (0,), 2 (1,), 3 (0,0), 4 (1,0)
+    tokens = torch.tensor([7, 8, 9, 10, 11])
+    target = torch.tensor([9, 5, 11, 0, 0])  # after root: 9 (node 2 right); after node 2: 11 (node 4 right)
+    assert verify(tokens, target, tree).tolist() == [0, 2, 4]
+    target = torch.tensor([8, 3, 11, 0, 0])  # node 1 right, node 3 wrong, node 4 right but its parent wrong
+    assert verify(tokens, target, tree).tolist() == [0, 1]
+    target = torch.tensor([1, 1, 1, 1, 1])
+    assert verify(tokens, target, tree).tolist() == [0]
+
+
+def test_heads_share_no_parameters_and_start_as_identity():
+    for heads in (MedusaHeads(TINY, 4, n_layers=2), CerberusHeads(TINY, 4)):
+        ptrs = [p.data_ptr() for p in heads.parameters()]
+        assert len(ptrs) == len(set(ptrs))
+        h = torch.randn(3, TINY.n_embd)
+        assert torch.equal(heads(h), h.expand(4, 3, TINY.n_embd))  # zero init: every head returns h
+    # Cerberus: 4 heads x (C*C + 2C*C) weights; a 3-block Medusa matches it (but for one bias per head)
+    cerberus_size, medusa3_size = parameter_count(CerberusHeads(TINY, 4)), parameter_count(MedusaHeads(TINY, 4, 3))
+    assert medusa3_size - cerberus_size == 4 * TINY.n_embd
+
+
+def test_cerberus_head_k_reads_head_k_minus_1():
+    """The sequential link: changing head 1's stage-1 weights changes head 2's output, not head 3's
+    through anything but head 2 — and Medusa heads stay independent."""
+    h = torch.randn(5, TINY.n_embd)
+    heads = perturb(CerberusHeads(TINY, 4), 0)
+    before = heads(h)
+    with torch.no_grad():
+        heads.w1[0] += 0.5
+    after = heads(h)
+    assert not torch.allclose(before[0], after[0]) and not torch.allclose(before[1], after[1])
+    assert torch.equal(before[2], after[2]) and torch.equal(before[3], after[3])
+    medusa = perturb(MedusaHeads(TINY, 4), 0)
+    before = medusa(h)
+    with torch.no_grad():
+        medusa.weight[0, 0] += 0.5
+    assert torch.equal(before[1:], medusa(h)[1:])
+
+
+def test_bad_input_is_a_value_error():
+    model = tiny_gpt()
+    heads = CerberusHeads(TINY, n_heads=2)
+    with pytest.raises(ValueError, match="needs 3 heads"):
+        generate(model, PROMPT, 8, heads=heads, tree=Tree.chain(3))
+    with pytest.raises(ValueError, match="unknown tree preset"):
+        Tree.preset("bushy9")
+    other = GPTConfig(vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=128)
+    with pytest.raises(ValueError, match="another model|train heads"):
+        generate(model, PROMPT, 8, heads=MedusaHeads(other, 2), tree=Tree.chain(1))
+    other = GPTConfig(vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=128)
+    with pytest.raises(ValueError, match="train heads for this model"):
+        generate(model, PROMPT, 8, heads=CerberusHeads(other, 2), tree=Tree.chain(1))
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, [], 8, heads=heads, tree=Tree.chain(1))
+    with pytest.raises(ValueError, match="lacks its parent"):
+        Tree([(0, 0)])
+    with pytest.raises(ValueError, match="needs draft heads"):
+        generate(model, PROMPT, 8, tree=Tree.chain(1))
+
+
+def test_trace_records_each_step():
+    model, heads = tiny_gpt(), perturb(MedusaHeads(TINY, 4), 1)
+    ids, stats = generate(model, PROMPT, 12, heads=heads, tree=Tree.preset("sparse8"), gate_threshold=3.0,
+                          trace=True)
+    assert len(stats.trace) == stats.steps
+    assert sum(len(s["emitted"]) for s in stats.trace) == len(ids)
+    for step in stats.trace:
+        assert (step["tree"] is None) == (step["path"] is None)
+        if step["path"] is not None:
+            assert step["emitted"] == [step["tree"][i] for i in step["path"]][:len(step["emitted"])]

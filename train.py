@@ -1,0 +1,447 @@
+"""Train Medusa and Cerberus heads on a frozen backbone by self-distillation, and calibrate the gate.
+
+    python train.py                      # the quick recipe (2-core CPU: ~15 min)
+    python train.py --recipe=full        # the recipe of the shipped heads
+    torchrun --nproc_per_node=2 train.py --recipe=full     # DDP: NCCL on GPUs, gloo on CPUs
+
+Steps: (1) the backbone answers the project's training prompts greedily, batched; the hidden state
+that predicts each answer token is captured on the way, so head k at answer position i learns
+token i + k (the backbone's own greedy continuation). (2) Each head set trains on the same data,
+steps and learning rate. (3) Held-out prompts give per-head top-1/top-5 accuracy, the tree that
+fits this device's step costs, and the entropy threshold of the gate. (4) Checkpoints, written
+atomically, carry the head spec, the gate and a fingerprint of the backbone.
+"""
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from cerberus import Tree, build_heads, entropy, head_logits, parameter_count
+from model import KVCache, chat_prompt, load_gguf, load_smollm2
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+IGNORE = -100  # target index that cross_entropy skips (past the end of an answer)
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = "quick"  # "quick" or "full": sets the data size below unless given explicitly
+    gguf: str = ""  # backbone: "" = the packaged SmolLM2-135M-Instruct, else a llama GGUF file
+    out_dir: str = "runs/quick"  # data cache, checkpoints and metrics go here
+    heads: str = "cerberus,medusa,medusa3"  # head sets to train; medusa3 = Medusa with 3 blocks (size-matched)
+    n_heads: int = 4
+    n_prompts: int = 400  # training prompts, answered greedily by the backbone
+    max_answer_tokens: int = 160
+    gen_batch_size: int = 32  # batched generation runs ~9x faster per token than batch 1 on a CPU
+    gen_dtype: str = "bfloat16"  # backbone dtype while generating data (targets need no float32)
+    holdout: float = 0.05  # share of prompts held out for accuracy and gate calibration
+    batch_size: int = 256  # positions per optimiser step
+    epochs: int = 1  # fresh data beats extra epochs
+    lr: float = 1e-3
+    warmup: int = 50  # steps of linear warm-up, then cosine decay to 0
+    head_decay: float = 0.8  # loss weight of head k is head_decay ** (k - 1)
+    train_dtype: str = "bfloat16"  # dtype of the shared lm_head in the loss (heads keep float32 weights)
+    seed: int = 0
+
+
+RECIPES = {
+    "quick": dict(n_prompts=400, max_answer_tokens=160, out_dir="runs/quick"),
+    "full": dict(n_prompts=2600, max_answer_tokens=200, out_dir="runs/full"),
+}
+
+
+def parse_cli(config_class, argv):
+    """`--key=value` arguments onto a dataclass config; unknown keys are an error."""
+    known = {f.name: f for f in fields(config_class)}
+    values = {}
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        key = key.replace("-", "_")
+        if not arg.startswith("--") or not eq or key not in known:
+            raise ValueError(f"unknown argument {arg!r}; expected --key=value with key in {sorted(known)}")
+        kind = known[key].type
+        values[key] = value.lower() in ("1", "true", "yes") if kind in (bool, "bool") else \
+            (int if kind in (int, "int") else float if kind in (float, "float") else str)(value)
+    return values
+
+
+def train_config(overrides):
+    """A TrainConfig: the recipe's defaults, then explicit overrides."""
+    recipe = overrides.get("recipe", "quick")
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
+    return TrainConfig(**{**RECIPES[recipe], **overrides})
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts: the project's own, rendered from templates x topics, disjoint from every benchmark prompt.
+
+def normalise(text):
+    return " ".join(text.lower().split())
+
+
+def benchmark_prompts():
+    """Every first turn the benchmark may use: the project's set and MT-Bench (when present)."""
+    texts = []
+    for path in (os.path.join(ROOT, "data", "bench_prompts.jsonl"),
+                 os.path.join(ROOT, "..", "shared", "data", "mt_bench.jsonl")):
+        if os.path.exists(path):
+            with open(path) as f:
+                texts += [json.loads(line)["turns"][0] for line in f if line.strip()]
+    return texts
+
+
+def training_prompts(n, seed=0):
+    """n distinct prompts drawn from data/train_prompts.json, none overlapping a benchmark prompt."""
+    with open(os.path.join(ROOT, "data", "train_prompts.json")) as f:
+        spec = json.load(f)
+    rendered = sorted({t.format(topic=topic) for cat, templates in spec["templates"].items()
+                       for t in templates for topic in spec["topics"][cat]})
+    banned = [normalise(t) for t in benchmark_prompts()]
+    clean = [p for p in rendered if not any(b in normalise(p) or normalise(p) in b for b in banned)]
+    random.Random(seed).shuffle(clean)
+    if n > len(clean):
+        raise ValueError(f"asked for {n} training prompts but only {len(clean)} exist; lower n_prompts")
+    return clean[:n]
+
+
+# ----------------------------------------------------------------------------------------------
+# Self-distillation data.
+
+def head_targets(answer, n_heads):
+    """(A,) answer tokens -> (A, 1 + K) targets. Row i belongs to the hidden state that predicts
+    answer[i]: column 0 is the backbone's own token answer[i], column k is head k's, answer[i + k]."""
+    A = len(answer)
+    padded = torch.cat([answer, torch.full((n_heads,), IGNORE, dtype=answer.dtype)])
+    return torch.stack([padded[k:k + A] for k in range(n_heads + 1)], dim=1)
+
+
+@torch.no_grad()
+def batched_greedy(model, prompts, max_new_tokens, eos_id):
+    """Greedy answers to a batch of prompts (lists of ids), left-padded.
+
+    Returns answers (B, A), the hidden state that predicted each answer token (B, A, C), and each
+    answer's length (up to and including EOS). Rotary positions are relative, so the left padding
+    only needs masking; pad rows attend to themselves so that no row is fully masked.
+    """
+    device, B, P = model.embed.weight.device, len(prompts), max(map(len, prompts))
+    S = P + max_new_tokens
+    idx = torch.zeros(B, P, dtype=torch.long, device=device)
+    real = torch.ones(B, S, dtype=torch.bool, device=device)  # (B, S) False at left padding
+    for b, p in enumerate(prompts):
+        idx[b, P - len(p):] = torch.tensor(p)
+        real[b, :P - len(p)] = False
+    allowed = torch.ones(S, S, dtype=torch.bool, device=device).tril()  # causal
+    self_only = torch.eye(S, dtype=torch.bool, device=device)
+
+    def mask(start, T):  # (B, 1, T, start + T)
+        rows = slice(start, start + T)
+        return (allowed[rows, :start + T] & (real[:, None, :start + T] | self_only[rows, :start + T]))[:, None]
+
+    cache = KVCache(model.config, S, batch_size=B, device=device, dtype=model.embed.weight.dtype)
+    logits, hidden = model(idx, cache, mask=mask(0, P))
+    cache.length = P
+    answers, states = [], []
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        token, state = logits[:, -1].argmax(-1), hidden[:, -1]
+        answers.append(token)
+        states.append(state)
+        done |= token == eos_id
+        if bool(done.all()):
+            break
+        logits, hidden = model(token[:, None], cache, mask=mask(cache.length, 1))
+        cache.length += 1
+    answers, states = torch.stack(answers, 1), torch.stack(states, 1)
+    is_eos = answers == eos_id
+    lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, answers.shape[1])
+    return answers, states, lengths
+
+
+def self_distill(model, tokenizer, prompts, cfg, desc="self-distillation"):
+    """Answer every prompt greedily; return {"hidden": (M, C) bf16, "targets": (M, 1 + K) long}."""
+    eos_id = tokenizer.encode("<|im_end|>", allowed_special="all")[0]
+    encoded = sorted((chat_prompt(tokenizer, p) for p in prompts), key=len)  # similar lengths batch well
+    hidden, targets = [], []
+    batches = [encoded[i:i + cfg.gen_batch_size] for i in range(0, len(encoded), cfg.gen_batch_size)]
+    bar = tqdm(batches, desc=desc, unit="batch", disable=rank() > 0)
+    for batch in bar:
+        answers, states, lengths = batched_greedy(model, batch, cfg.max_answer_tokens, eos_id)
+        for answer, state, n in zip(answers, states, lengths.tolist()):
+            hidden.append(state[:n].to(torch.bfloat16).cpu())
+            targets.append(head_targets(answer[:n].cpu(), cfg.n_heads))
+        bar.set_postfix(positions=sum(len(t) for t in targets))
+    return {"hidden": torch.cat(hidden), "targets": torch.cat(targets)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and evaluation of one head set.
+
+def head_weights(cfg):
+    return torch.tensor([cfg.head_decay ** k for k in range(cfg.n_heads)])
+
+
+def train_heads(heads, lm_weight, data, cfg, desc="heads"):
+    """AdamW with warm-up and cosine decay, one pass (per epoch) over the positions in random order.
+    Under torchrun the heads are wrapped in DDP and every rank trains on its own data shard."""
+    torch.manual_seed(cfg.seed)
+    model = heads
+    if world_size() > 1:
+        model = torch.nn.parallel.DistributedDataParallel(heads)
+    opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=0.0)
+    M = len(data["targets"])
+    n_steps = cfg.epochs * (M // cfg.batch_size)
+    if world_size() > 1:  # every rank must take the same number of steps
+        n = torch.tensor(n_steps)
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+        n_steps = int(n)
+    weights = head_weights(cfg)
+    order = torch.cat([torch.randperm(M) for _ in range(cfg.epochs)])
+    bar = tqdm(range(n_steps), desc=desc, unit="step", disable=rank() > 0)
+    for step in bar:
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / n_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        logits = head_logits(model, lm_weight, data["hidden"][rows].float(), cfg.n_heads)  # (K, b, V)
+        target = data["targets"][rows, 1:].T  # (K, b)
+        losses = torch.stack([F.cross_entropy(logits[k], target[k], ignore_index=IGNORE)
+                              for k in range(cfg.n_heads)])
+        loss = (weights * losses.nan_to_num()).sum()  # a head with no valid target contributes 0
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", head1=f"{losses[0].item():.3f}")
+    return heads
+
+
+@torch.no_grad()
+def target_ranks(heads, lm_weight, data, n_heads, chunk=512):
+    """(M, K) rank of the true target among each head's logits (0 = top-1); a large number where
+    the answer has ended. Tree acceptance and top-k accuracy follow from these ranks."""
+    ranks = []
+    for i in range(0, len(data["targets"]), chunk):
+        logits = head_logits(heads, lm_weight, data["hidden"][i:i + chunk].float(), n_heads).float()
+        target = data["targets"][i:i + chunk, 1:].T  # (K, b)
+        valid = target != IGNORE
+        picked = logits.gather(-1, target.clamp(min=0)[..., None])  # (K, b, 1)
+        rank = (logits > picked).sum(-1)
+        ranks.append(torch.where(valid, rank, torch.iinfo(torch.int32).max).T)
+    return torch.cat(ranks)
+
+
+def accuracy(ranks):
+    """Per-head top-1 and top-5, over positions where the head has a target."""
+    valid = ranks < torch.iinfo(torch.int32).max
+    out = {}
+    for k in range(ranks.shape[1]):
+        r = ranks[valid[:, k], k]
+        out[f"head{k + 1}"] = {"top1": round(float((r < 1).float().mean()), 4),
+                               "top5": round(float((r < 5).float().mean()), 4)}
+    return out
+
+
+def accepted_lengths(ranks, tree):
+    """Drafts a tree would accept at each position, from the target ranks: a node is accepted
+    when, for every head along its path, the target has exactly the rank the node takes."""
+    best = torch.zeros(len(ranks), dtype=torch.long)
+    for path in tree.paths:
+        ok = torch.ones(len(ranks), dtype=torch.bool)
+        for k, r in enumerate(path):
+            ok &= ranks[:, k] == r
+        best = torch.where(ok, torch.full_like(best, len(path)), best)
+    return best
+
+
+# ----------------------------------------------------------------------------------------------
+# Gate calibration: which tree and which entropy threshold pay on this device.
+
+@torch.no_grad()
+def step_costs(model, sizes, n_cached=256, repeats=5):
+    """{T: seconds} for one backbone forward of T new tokens on a cached prefix (lm_head included)."""
+    device = model.embed.weight.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    cache = KVCache(model.config, n_cached + max(sizes), device=device, dtype=model.embed.weight.dtype)
+    model(torch.randint(100, 1000, (1, n_cached), device=device), cache)
+    cache.length = n_cached
+    costs = {}
+    for T in sizes:
+        x = torch.randint(100, 1000, (1, T), device=device)
+        model(x, cache)  # warm-up
+        times = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            model(x, cache)
+            sync()
+            times.append(time.perf_counter() - t0)
+        costs[T] = sorted(times)[len(times) // 2]  # median
+    return costs
+
+
+def calibrate(ranks, gate_entropy, costs, max_depth):
+    """Pick the tree and the entropy threshold that maximise estimated tokens per second.
+
+    For each candidate tree size, the best tree for the measured rank accuracies (Tree.best);
+    then, over thresholds at entropy quantiles, speed = tokens / time where a position with
+    entropy below the threshold costs a tree step and yields 1 + accepted tokens, else an AR step
+    and 1 token. Positions stand in for steps: an estimate, which the benchmark then measures.
+    """
+    valid = ranks < torch.iinfo(torch.int32).max
+    accuracy_table = [[float(((ranks[:, k] == r) & valid[:, k]).float().sum() / valid[:, k].sum().clamp(min=1))
+                       for r in range(10)] for k in range(max_depth)]
+    quantiles = torch.quantile(gate_entropy, torch.linspace(0, 1, 21)).tolist()
+    thresholds = [0.0] + quantiles[1:-1] + [math.inf]
+    best = None
+    for n in sorted(costs):
+        if n < 2:
+            continue
+        tree = Tree.best(accuracy_table, n)
+        gain = 1 + accepted_lengths(ranks, tree).float()  # tokens a tree step would yield
+        for threshold in thresholds:
+            parallel = gate_entropy < threshold
+            tokens = torch.where(parallel, gain, torch.ones_like(gain)).sum()
+            seconds = parallel.sum() * costs[n] + (~parallel).sum() * costs[1]
+            speed = float(tokens / seconds)
+            if best is None or speed > best["est_tok_s"]:
+                tau = float(gain[parallel].mean()) if parallel.any() else 1.0
+                best = {"tree": [list(p) for p in tree.paths], "threshold": threshold, "gate_on": "backbone",
+                        "est_tok_s": speed, "est_speedup": speed * costs[1], "est_tau_parallel": tau}
+    return {**best, "step_costs": {str(k): v for k, v in costs.items()}, "accuracy_table": accuracy_table}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: atomic writes, configs included, refuse the wrong backbone.
+
+def save_heads(path, heads, backbone, extra):
+    """Write heads (half precision) with their spec and the backbone's fingerprint: temp, then rename."""
+    state = {k: v.detach().to(torch.float16).cpu() for k, v in heads.state_dict().items()}
+    payload = {"spec": heads.spec, "state_dict": state, "backbone": backbone.fingerprint(), **extra}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_heads(path, model):
+    """(heads in float32, checkpoint dict) for this backbone, or a ValueError that says why not."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no heads checkpoint at {path}; train some with `python train.py`")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"heads checkpoint {path} is truncated or corrupt ({type(e).__name__}); "
+                         f"train again or restore it (git checkout -- {path})") from e
+    if ckpt.get("backbone") != model.fingerprint():
+        raise ValueError(f"heads in {path} were trained for another backbone (fingerprint "
+                         f"{ckpt.get('backbone')} != {model.fingerprint()}); train heads for this model")
+    heads = build_heads(model.config, ckpt["spec"])
+    heads.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
+    return heads.to(model.embed.weight.device), ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers (torchrun sets RANK / WORLD_SIZE).
+
+def rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def setup_distributed():
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def head_set_spec(name, n_heads):
+    """'cerberus' | 'medusa' | 'medusaN' (N residual blocks per head) -> head spec dict."""
+    if name == "cerberus":
+        return dict(kind="cerberus", n_heads=n_heads)
+    if name.startswith("medusa") and (name[6:] == "" or name[6:].isdigit()):
+        return dict(kind="medusa", n_heads=n_heads, n_layers=int(name[6:] or 1))
+    raise ValueError(f"unknown head set {name!r}; use cerberus, medusa or medusaN")
+
+
+def get_data(model, tokenizer, cfg):
+    """Self-distilled train/held-out data, cached in out_dir (per rank under torchrun)."""
+    path = os.path.join(cfg.out_dir, f"data_rank{rank()}.pt")
+    key = {k: getattr(cfg, k) for k in ("n_prompts", "max_answer_tokens", "n_heads", "holdout", "seed", "gen_dtype")}
+    key["world_size"], key["backbone"] = world_size(), model.fingerprint()
+    if os.path.exists(path):
+        cached = torch.load(path, weights_only=True)
+        if cached["key"] == key:
+            return cached["train"], cached["held_out"], cached["seconds"]
+    prompts = training_prompts(cfg.n_prompts, cfg.seed)[rank()::world_size()]
+    n_held = max(1, int(len(prompts) * cfg.holdout))
+    gen_model = copy.deepcopy(model).to(getattr(torch, cfg.gen_dtype))
+    t0 = time.time()
+    held_out = self_distill(gen_model, tokenizer, prompts[:n_held], cfg, "held-out answers")
+    train = self_distill(gen_model, tokenizer, prompts[n_held:], cfg, "training answers")
+    seconds = time.time() - t0
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save({"key": key, "train": train, "held_out": held_out, "seconds": seconds}, tmp)
+    os.replace(tmp, path)
+    return train, held_out, seconds
+
+
+def train(cfg):
+    """The whole recipe; returns the metrics dict (also written to out_dir/metrics.json)."""
+    setup_distributed()
+    torch.manual_seed(cfg.seed)
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_gguf(cfg.gguf) if cfg.gguf else load_smollm2()
+    model = model.to(device).requires_grad_(False)
+    train_data, held_out, gen_seconds = get_data(model, tokenizer, cfg)
+    lm_weight = model.lm_head.weight.to(getattr(torch, cfg.train_dtype))
+    metrics = {"config": asdict(cfg), "device": str(device), "positions": len(train_data["targets"]),
+               "held_out_positions": len(held_out["targets"]), "data_seconds": round(gen_seconds, 1), "heads": {}}
+
+    gate_entropy = torch.cat([entropy(F.linear(h.to(device, lm_weight.dtype), lm_weight)).cpu()
+                              for h in held_out["hidden"].split(1024)])
+    costs = step_costs(model, [1, 2, 3, 4, 6, 8, 16, 32, 64]) if rank() == 0 else {}
+    for name in cfg.heads.split(","):
+        heads = build_heads(model.config, head_set_spec(name, cfg.n_heads)).to(device)
+        t0 = time.time()
+        train_heads(heads, lm_weight, train_data, cfg, desc=name)
+        seconds = time.time() - t0
+        if rank() != 0:
+            continue
+        ranks = target_ranks(heads, lm_weight, held_out, cfg.n_heads)
+        result = {"params": parameter_count(heads), "train_seconds": round(seconds, 1),
+                  "held_out": accuracy(ranks), "gate": calibrate(ranks, gate_entropy, costs, cfg.n_heads)}
+        metrics["heads"][name] = result
+        save_heads(os.path.join(cfg.out_dir, f"{name}.pt"), heads, model,
+                   {"gate": result["gate"], "held_out": result["held_out"], "train_config": asdict(cfg)})
+        print(f"{name}: {result['params']:,} params, {seconds:.0f}s, held-out {result['held_out']}, "
+              f"tree {len(result['gate']['tree']) + 1} nodes, threshold {result['gate']['threshold']:.3f}")
+    if rank() == 0:
+        with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return metrics
+
+
+def main(argv=None):
+    cfg = train_config(parse_cli(TrainConfig, sys.argv[1:] if argv is None else argv))
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
