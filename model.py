@@ -190,12 +190,14 @@ class GPT(nn.Module):
         start = cache.length if cache is not None else 0
         if T == 0:
             raise ValueError("forward got an empty sequence (T = 0); pass at least one token")
-        if start + T > (cache.max_len if cache is not None else self.config.block_size):
-            limit = cache.max_len if cache is not None else self.config.block_size
-            raise ValueError(f"{start} cached + {T} new tokens exceed the {'cache' if cache else 'context'} "
-                             f"length {limit}; use a larger KVCache or a shorter sequence")
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"{start} cached + {T} new tokens overflow the KV cache of {cache.max_len} slots; "
+                             f"allocate a larger KVCache")
         if pos is None:
             pos = torch.arange(start, start + T, device=idx.device)
+            if start + T > self.config.block_size:
+                raise ValueError(f"{start + T} tokens exceed the context of {self.config.block_size}; "
+                                 f"use a shorter sequence")
         elif int(pos.min()) < 0 or int(pos.max()) >= self.config.block_size:
             raise ValueError(f"positions must lie in [0, {self.config.block_size}); got "
                              f"[{int(pos.min())}, {int(pos.max())}]")

@@ -134,6 +134,9 @@ def batched_greedy(model, prompts, max_new_tokens, eos_id):
     """
     device, B, P = model.embed.weight.device, len(prompts), max(map(len, prompts))
     S = P + max_new_tokens
+    if S > model.config.block_size:
+        raise ValueError(f"prompt of {P} tokens + {max_new_tokens} answer tokens exceed the context of "
+                         f"{model.config.block_size}; use shorter prompts or max_answer_tokens")
     idx = torch.zeros(B, P, dtype=torch.long, device=device)
     real = torch.ones(B, S, dtype=torch.bool, device=device)  # (B, S) False at left padding
     for b, p in enumerate(prompts):
@@ -271,11 +274,12 @@ def step_costs(model, sizes, n_cached=256, repeats=5):
     device = model.embed.weight.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     cache = KVCache(model.config, n_cached + max(sizes), device=device, dtype=model.embed.weight.dtype)
-    model(torch.randint(100, 1000, (1, n_cached), device=device), cache)
+    V = model.config.vocab_size
+    model(torch.randint(0, V, (1, n_cached), device=device), cache)
     cache.length = n_cached
     costs = {}
     for T in sizes:
-        x = torch.randint(100, 1000, (1, T), device=device)
+        x = torch.randint(0, V, (1, T), device=device)
         model(x, cache)  # warm-up
         times = []
         for _ in range(repeats):

@@ -1,11 +1,13 @@
 import os
 import sys
 
+import gguf
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from model import GPT, GPTConfig  # noqa: E402
+from model import GGUF_NAMES, GPT, GPTConfig, byte_level_alphabet  # noqa: E402
 
 TINY = GPTConfig(vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=128, tie_embeddings=False)
 
@@ -28,3 +30,34 @@ def perturb(heads, seed, scale=0.3):
         for p in heads.parameters():
             p.normal_(0, scale)
     return heads
+
+
+def write_gguf(path, model, special=()):
+    """Write `model` the way llama.cpp's converter lays out a Llama: llama.* metadata, F32 tensors in
+    (out, in) layout (exactly nn.Linear's), and a byte-level tokenizer: `special` control tokens, then the 256 bytes."""
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.n_layer)
+    w.add_context_length(c.block_size)
+    w.add_embedding_length(c.n_embd)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.n_head)
+    w.add_head_count_kv(c.n_kv_head)
+    w.add_rope_freq_base(c.rope_base)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_vocab_size(c.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    char_of = {b: ch for ch, b in byte_level_alphabet().items()}
+    w.add_token_list(list(special) + [char_of[b] for b in range(256)])
+    w.add_token_types([3] * len(special) + [1] * 256)
+    state = model.state_dict()
+    for ours, theirs in GGUF_NAMES.items():
+        for i in range(c.n_layer) if "{i}" in ours else [None]:
+            if ours == "lm_head.weight" and c.tie_embeddings:
+                continue  # a tied model has no output.weight: the loader must reuse token_embd
+            w.add_tensor(theirs.format(i=i), state[ours.format(i=i)].numpy().astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

@@ -1,11 +1,11 @@
 """load_gguf against files we write ourselves with gguf.GGUFWriter: a tiny random model survives the
 round trip bit for bit, and files we cannot read are refused with a clear ValueError."""
 import gguf
-import numpy as np
 import pytest
 import torch
 
-from model import GGUF_NAMES, GPT, GPTConfig, byte_level_alphabet, load_gguf
+from conftest import write_gguf
+from model import GPT, GPTConfig, load_gguf
 
 
 def tiny_config(tie):
@@ -23,37 +23,6 @@ def random_model(config):
             if name.endswith("norm.weight"):  # RMSNorm starts at all ones: a dropped norm would go unseen
                 p.copy_(1 + 0.5 * torch.randn_like(p))
     return model
-
-
-def write_gguf(path, model):
-    """Write `model` the way llama.cpp's converter lays out a Llama: llama.* metadata, F32 tensors in
-    (out, in) layout (exactly nn.Linear's), and a byte-level tokenizer of the 256 single bytes."""
-    c = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(c.n_layer)
-    w.add_context_length(c.block_size)
-    w.add_embedding_length(c.n_embd)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.n_head)
-    w.add_head_count_kv(c.n_kv_head)
-    w.add_rope_freq_base(c.rope_base)
-    w.add_layer_norm_rms_eps(c.norm_eps)
-    w.add_rope_dimension_count(c.head_dim)
-    w.add_vocab_size(c.vocab_size)
-    w.add_tokenizer_model("gpt2")
-    char_of = {b: ch for ch, b in byte_level_alphabet().items()}
-    w.add_token_list([char_of[b] for b in range(256)])
-    w.add_token_types([1] * 256)
-    state = model.state_dict()
-    for ours, theirs in GGUF_NAMES.items():
-        for i in range(c.n_layer) if "{i}" in ours else [None]:
-            if ours == "lm_head.weight" and c.tie_embeddings:
-                continue  # a tied model has no output.weight: the loader must reuse token_embd
-            w.add_tensor(theirs.format(i=i), state[ours.format(i=i)].numpy().astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])

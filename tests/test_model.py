@@ -96,8 +96,10 @@ def test_bad_input_is_a_value_error(model):
         generate(model, [], max_new_tokens=4)
     with pytest.raises(ValueError, match="exceeds the context"):
         generate(model, [1] * 100, max_new_tokens=40)
-    with pytest.raises(ValueError, match="exceed"):
+    with pytest.raises(ValueError, match="exceed the context"):
         model(torch.zeros(1, CONFIG.block_size + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="overflow the KV cache"):
+        model(torch.zeros(1, 9, dtype=torch.long), KVCache(CONFIG, 8))
     with pytest.raises(ValueError, match="positions"):
         model(torch.zeros(1, 2, dtype=torch.long), pos=torch.tensor([0, CONFIG.block_size]))
     with pytest.raises(ValueError, match="token ids"):

@@ -1,0 +1,304 @@
+"""AR vs Medusa vs Cerberus, side by side on the real model: one process, same prompts, same weights.
+
+    python bench.py                                   # SmolLM2-135M on data/bench_prompts.jsonl, shipped heads
+    python bench.py --n_prompts=8 --max_new_tokens=64 --heads=runs/quick
+    python bench.py --prompts=../shared/data/mt_bench.jsonl --sweep
+    python bench.py --device=cuda --dtype=bfloat16 --compile
+
+Prints a header with the conditions, the step-cost curve of this device next to the checkpoints'
+calibration, one row per arm, speedup per prompt category, and as the last line of stdout one JSON
+object. Every arm decodes greedily, so in float32 each must reproduce AR token for token (match 1.000).
+"""
+import ast
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections import Counter, namedtuple
+from dataclasses import dataclass, fields
+
+import torch
+from tqdm import tqdm
+
+from cerberus import Tree, generate
+from model import KVCache, chat_prompt, load_smollm2
+from train import load_heads, parse_cli, step_costs
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+ARMS = ("ar", "medusa", "cerberus", "cerberus_nogate")
+HEAD_SET = {"medusa": "medusa", "cerberus": "cerberus", "cerberus_nogate": "cerberus"}  # arm -> <name>.pt
+STEP_SIZES = [1, 2, 3, 4, 8, 16, 32, 64]  # tokens per forward for the step-cost curve
+SWEEP_THRESHOLDS = [0.0, 0.5, 1.0, 2.0, 3.0, 4.0, math.inf]  # nats; the calibrated one is added
+
+
+@dataclass
+class BenchConfig:
+    device: str = "cpu"  # "cpu" or "cuda"
+    dtype: str = "float32"  # backbone dtype, "float32" or "bfloat16" (bf16 trees may flip near-ties: see match)
+    compile: bool = False  # torch.compile the model's forward (first calls, in the warm-up, are reported apart)
+    tree: str = ""  # "" = each checkpoint's calibrated tree; a preset ("chain2", "sparse16"); or paths "[(0,), (0, 0)]"
+    max_new_tokens: int = 128
+    n_prompts: int = 0  # 0 = every prompt in the file
+    prompts: str = ""  # "" = data/bench_prompts.jsonl; or any MT-Bench-format question.jsonl (first turns)
+    heads: str = ""  # directory holding cerberus.pt and medusa.pt; "" = the shipped heads/
+    arms: str = "ar,medusa,cerberus,cerberus_nogate"  # "ar" always runs: it is the baseline
+    threshold: float = -1.0  # entropy gate of the cerberus arm in nats; -1 = the calibrated one
+    draft_dtype: str = "bfloat16"  # heads and their lm_head copy; drafts change only the speed, never the output
+    sweep: bool = False  # also run the cerberus arm over several gate thresholds
+    out_dir: str = "out"  # where the sweep's PNG goes
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: prompts, arms, heads.
+
+def load_prompts(path, tokenizer, n):
+    """The first n questions (0 = all) of an MT-Bench-format file as [{"category", "ids"}]: first turn,
+    chat template applied. Every line is checked, so a malformed file fails before any timing."""
+    if not os.path.isfile(path):
+        raise ValueError(f"prompts file not found: {path}")
+    questions = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                question = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {line_no}: not valid JSON ({e})") from e
+            turns = question.get("turns") if isinstance(question, dict) else None
+            if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
+                raise ValueError(f'{path}, line {line_no}: expected {{"category": ..., "turns": ["first turn", ...]}}')
+            questions.append(question)
+    if not questions:
+        raise ValueError(f"{path} holds no questions")
+    return [{"category": q.get("category", "all"), "ids": chat_prompt(tokenizer, q["turns"][0])}
+            for q in questions[:n or None]]
+
+
+def parse_arms(spec):
+    arms = [a.strip() for a in spec.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ValueError(f"unknown arm(s) {unknown}; valid arms are {list(ARMS)}")
+    return ["ar"] + [a for a in arms if a != "ar"]
+
+
+def parse_tree(spec, gate):
+    """Tree from --tree ("" = the checkpoint's calibrated one in `gate`, a preset name, or a path list)."""
+    if not spec:
+        return Tree(gate["tree"])
+    return Tree(ast.literal_eval(spec)) if spec.lstrip().startswith("[") else Tree.preset(spec)
+
+
+def arm_kwargs(arm, cfg, head_sets, eos_id):
+    """generate() keyword arguments of one arm. Only the cerberus arm gates; the others always go parallel."""
+    kwargs = dict(max_new_tokens=cfg.max_new_tokens, eos_id=eos_id)
+    if arm == "ar":
+        return kwargs
+    heads, ckpt = head_sets[HEAD_SET[arm]]
+    gate = ckpt["gate"]
+    threshold = math.inf if arm != "cerberus" else gate["threshold"] if cfg.threshold < 0 else cfg.threshold
+    return dict(kwargs, heads=heads, tree=parse_tree(cfg.tree, gate), gate_threshold=threshold,
+                gate_on=gate.get("gate_on", "backbone"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring. One clock for everything; on GPU the queue is drained before each reading.
+
+Generation = namedtuple("Generation", "ids stats seconds")
+
+
+def timed(fn):
+    """(fn(), wall seconds)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def prefill_seconds(model, ids, max_new_tokens):
+    """Time of what every generate() call does before decoding: allocate the cache, one forward over the prompt."""
+    device, dtype = model.embed.weight.device, model.embed.weight.dtype
+    prompt = torch.tensor([ids], device=device)
+    return timed(lambda: model(prompt, KVCache(model.config, len(ids) + max_new_tokens + 1, device=device, dtype=dtype)))[1]
+
+
+def run_arms(model, prompts, settings):
+    """{arm: [Generation per prompt]}. Whole generate() calls are timed (prefill included, identical
+    across arms). Arms take turns on each prompt, so drift in machine load hits them all alike."""
+    runs = {arm: [] for arm in settings}
+    for prompt in tqdm(prompts, desc="/".join(settings), unit="prompt", file=sys.stderr):
+        for arm, kwargs in settings.items():
+            (ids, stats), seconds = timed(lambda: generate(model, prompt["ids"], **kwargs))
+            runs[arm].append(Generation(ids, stats, seconds))
+    return runs
+
+
+def summarise(gens, baseline, prefill):
+    """Pooled metrics of one arm over all prompts. Decode tok/s = new tokens / (generate time - prefill
+    time); speedup = total AR time / total arm time (whole calls, what a user waits for)."""
+    stats = [g.stats for g in gens]
+    steps, new_tokens = sum(s.steps for s in stats), sum(s.new_tokens for s in stats)
+    accepted = [n for s in stats for n in s.accept_lengths]  # one entry per parallel step
+    decode_seconds = sum(g.seconds for g in gens) - sum(prefill)
+    matches = sum(a == b for g, ref in zip(gens, baseline) for a, b in zip(g.ids, ref.ids))
+    return {"tok_s": new_tokens / max(decode_seconds, 1e-9),
+            "speedup": sum(g.seconds for g in baseline) / sum(g.seconds for g in gens),
+            "tau": new_tokens / max(steps, 1),
+            "match_rate": matches / max(sum(len(g.ids) for g in baseline), 1),
+            "ar_fraction": sum(s.ar_steps for s in stats) / max(steps, 1),
+            "zero_accept": accepted.count(0) / len(accepted) if accepted else None,
+            "accept_histogram": dict(sorted(Counter(accepted).items())),
+            "new_tokens": new_tokens, "seconds": sum(g.seconds for g in gens)}
+
+
+def report(runs, prompts, prefill):
+    """summarise() per arm, plus speedup per prompt category."""
+    categories = {}  # category -> indices of its prompts, in file order
+    for i, prompt in enumerate(prompts):
+        categories.setdefault(prompt["category"], []).append(i)
+    seconds = {arm: [g.seconds for g in gens] for arm, gens in runs.items()}
+    return {arm: dict(summarise(gens, runs["ar"], prefill),
+                      by_category={c: sum(seconds["ar"][i] for i in idx) / sum(seconds[arm][i] for i in idx)
+                                   for c, idx in categories.items()})
+            for arm, gens in runs.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Printing.
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return f"{cpu} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f})"
+
+
+def print_step_costs(costs, head_sets):
+    """This device's cost of a T-token forward, and each checkpoint's calibration beside it: the
+    calibrated tree and threshold only pay if the step costs here resemble those at training time."""
+    print("step cost of one forward of T tokens on a 256-token cache:")
+    print("\n".join(f"  T={T:<3d} {1e3 * s:8.2f} ms  {s / costs[1]:5.2f}x T=1" for T, s in costs.items()))
+    for name, (_, ckpt) in head_sets.items():
+        gate, n = ckpt["gate"], len(ckpt["gate"]["tree"]) + 1
+        there = {int(k): v for k, v in gate.get("step_costs", {}).items()}
+        then = f"{there[n] / there[1]:.2f}x" if n in there and 1 in there else "?"
+        print(f"  {name} calibration: tree of {n} nodes, threshold {gate['threshold']:.3f} nats "
+              f"(gate on {gate.get('gate_on', 'backbone')}), est. speedup {gate.get('est_speedup', float('nan')):.2f}x; "
+              f"T={n} costs {then} T=1 there, {costs[n] / costs[1]:.2f}x here")
+
+
+def print_tables(results, settings):
+    print(f"{'arm':<16} {'nodes':>5} {'tok/s':>7} {'speedup':>8} {'tau':>5} {'match':>6} {'AR frac':>7} "
+          f"{'0-accept':>8}  accept-length histogram")
+    for arm, r in results.items():
+        nodes = settings[arm]["tree"].n_nodes if "tree" in settings[arm] else 1
+        zero = "-" if r["zero_accept"] is None else f"{r['zero_accept']:.3f}"
+        print(f"{arm:<16} {nodes:>5} {r['tok_s']:7.2f} {r['speedup']:7.2f}x {r['tau']:5.2f} {r['match_rate']:6.3f} "
+              f"{r['ar_fraction']:7.3f} {zero:>8}  {r['accept_histogram']}")
+    print("speedup vs ar per category: " + ", ".join(arm for arm in results if arm != "ar"))
+    for category in results["ar"]["by_category"]:
+        print(f"  {category:<14}" + "".join(f" {r['by_category'][category]:7.2f}x" for arm, r in results.items() if arm != "ar"))
+
+
+def print_sweep(points, out_dir):
+    """Text chart of tok/s and tau against the gate threshold; a PNG too when matplotlib is importable."""
+    top = max(p["tok_s"] for p in points)
+    print(f"gate sweep (cerberus heads): {'threshold':>9} {'tok/s':>7} {'tau':>5} {'AR frac':>7}")
+    for p in points:
+        bar = "#" * round(40 * p["tok_s"] / top)
+        print(f"{'':28} {p['threshold']:>9} {p['tok_s']:7.2f} {p['tau']:5.2f} {p['ar_fraction']:7.3f}  {bar}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    labels = [p["threshold"] for p in points]  # categorical axis: inf has no place on a number line
+    ax.plot(labels, [p["tok_s"] for p in points], "o-", label="tokens/s")
+    ax.set_xlabel("gate threshold (nats; 0 = always AR, inf = always parallel)")
+    ax.set_ylabel("decode tokens/s")
+    ax.twinx().plot(labels, [p["tau"] for p in points], "s--", color="tab:orange", label="tau")
+    os.makedirs(out_dir, exist_ok=True)
+    fig.savefig(os.path.join(out_dir, "bench_sweep.png"), dpi=120, bbox_inches="tight")
+    print(f"sweep plot: {os.path.join(out_dir, 'bench_sweep.png')}")
+
+
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def bench(cfg, model=None, tokenizer=None, head_sets=None):
+    """Run the arms of cfg on the same prompts; print the tables and the JSON line; return the JSON dict.
+
+    model, tokenizer: default SmolLM2-135M-Instruct; "<|im_end|>" is the stop token.
+    head_sets: {"medusa" | "cerberus": (heads, checkpoint dict with a "gate")}; default: cfg.heads/<name>.pt.
+    """
+    arms = parse_arms(cfg.arms)  # fail before the slow loading
+    torch.manual_seed(cfg.seed)
+    device, dtype, draft_dtype = torch.device(cfg.device), getattr(torch, cfg.dtype), getattr(torch, cfg.draft_dtype)
+    if model is None:
+        model, tokenizer = load_smollm2()
+    model = model.to(device, dtype).eval()
+    prompts_path = cfg.prompts or os.path.join(ROOT, "data", "bench_prompts.jsonl")
+    prompts = load_prompts(prompts_path, tokenizer, cfg.n_prompts)
+    eos_id = tokenizer.encode("<|im_end|>", allowed_special="all")[0]
+    needed = {HEAD_SET[a] for a in arms if a != "ar"} | ({"cerberus"} if cfg.sweep else set())
+    if head_sets is None:
+        head_dir = cfg.heads or os.path.join(ROOT, "heads")
+        head_sets = {name: load_heads(os.path.join(head_dir, f"{name}.pt"), model) for name in sorted(needed)}
+    head_sets = {name: (heads.to(device, draft_dtype), ckpt) for name, (heads, ckpt) in head_sets.items()}
+    settings = {arm: arm_kwargs(arm, cfg, head_sets, eos_id) for arm in arms}
+    if cfg.compile:
+        model.forward = torch.compile(model.forward)
+
+    tree_label = cfg.tree or "calibrated"
+    print(f"bench | {device_name(device)} | torch {torch.__version__} | dtype {cfg.dtype}, drafts {cfg.draft_dtype} "
+          f"| compile {cfg.compile} | tree {tree_label} | prompts {prompts_path} | n_prompts {len(prompts)} "
+          f"| max_new_tokens {cfg.max_new_tokens}")
+    # Warm-up: one short untimed generation per arm (with compile, this is where compiling happens).
+    short = {arm: dict(kwargs, max_new_tokens=min(8, cfg.max_new_tokens)) for arm, kwargs in settings.items()}
+    warm = {arm: timed(lambda: generate(model, prompts[0]["ids"], **kwargs))[1] for arm, kwargs in short.items()}
+    print("warm-up, untimed" + (" (includes torch.compile)" if cfg.compile else "") + ": "
+          + ", ".join(f"{arm} {s:.2f}s" for arm, s in warm.items()))
+    tree_sizes = {len(ckpt["gate"]["tree"]) + 1 for _, ckpt in head_sets.values()}
+    tree_sizes |= {kw["tree"].n_nodes for kw in settings.values() if "tree" in kw}
+    print_step_costs(step_costs(model, sorted(set(STEP_SIZES) | tree_sizes)), head_sets)
+
+    prefill = [prefill_seconds(model, p["ids"], cfg.max_new_tokens) for p in prompts]
+    results = report(run_arms(model, prompts, settings), prompts, prefill)
+    print_tables(results, settings)
+    summary = {"device": device_name(device), "dtype": cfg.dtype, "compile": cfg.compile, "tree": tree_label,
+               "n_prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens,
+               "arms": {arm: dict(r, warmup_s=warm[arm]) for arm, r in results.items()}}
+
+    if cfg.sweep:
+        base = arm_kwargs("cerberus", cfg, head_sets, eos_id)
+        thresholds = sorted(set(SWEEP_THRESHOLDS) | {base["gate_threshold"]})
+        sweep = {f"{t:g}": dict(base, gate_threshold=t) for t in thresholds}
+        runs = run_arms(model, prompts, {"ar": settings["ar"], **sweep})
+        summary["sweep"] = [dict(summarise(runs[label], runs["ar"], prefill), threshold=label)
+                            for label in sweep]  # labels, since JSON has no infinity
+        print_sweep(summary["sweep"], cfg.out_dir)
+    print(json.dumps(summary))  # last line of stdout
+    return summary
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    switches = {f.name for f in fields(BenchConfig) if f.type is bool}  # a bare --compile means --compile=true
+    argv = [f"{arg}=true" if arg.removeprefix("--").replace("-", "_") in switches else arg for arg in argv]
+    bench(BenchConfig(**parse_cli(BenchConfig, argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""bench.py on a tiny random model: the JSON line, lossless arms, prompt-file parsing and its errors."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import bench
+from bench import BenchConfig, load_prompts
+from cerberus import CerberusHeads, MedusaHeads
+from conftest import TINY, perturb, tiny_gpt
+from train import save_heads
+
+CONFIG = dataclasses.replace(TINY, block_size=512)  # room for a chat-templated prompt of ~150 bytes
+QUESTIONS = [  # MT-Bench's format: only the first turn is benchmarked
+    {"question_id": 1, "category": "writing", "turns": ["Write a haiku about rain.", "Now make it rhyme."]},
+    {"question_id": 2, "category": "math", "turns": ["What is 12 times 7?", "And 13 times 7?"]},
+]
+JSON_KEYS = {"device", "dtype", "compile", "tree", "n_prompts", "max_new_tokens", "arms"}
+ARM_KEYS = {"tok_s", "speedup", "tau", "match_rate", "ar_fraction"}
+
+
+class ByteTokenizer:
+    """Bytes as token ids, for the 256-token model; "<|im_end|>" is one token (id 2), as in SmolLM2."""
+
+    def encode(self, text, allowed_special=()):
+        return list(text.replace("<|im_end|>", "\x02").encode())
+
+
+def gate(tree):
+    return {"tree": tree, "threshold": 2.0, "gate_on": "backbone", "est_speedup": 1.0,
+            "step_costs": {"1": 0.01, "4": 0.02}}
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """A tiny model, its tokenizer, a head set of each kind and a two-question prompts file."""
+    # train.step_costs (tested with train.py) feeds token ids up to 1000, beyond this vocabulary.
+    monkeypatch.setattr(bench, "step_costs", lambda model, sizes: {T: 1e-3 * (1 + T / 16) for T in sizes})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # matmuls this small gain nothing from threads, and stall ~15 ms when the cores are busy
+    model = tiny_gpt(0, CONFIG)
+    head_sets = {"medusa": (perturb(MedusaHeads(CONFIG, n_heads=3), 0), {"gate": gate([[0], [1], [0, 0]])}),
+                 "cerberus": (perturb(CerberusHeads(CONFIG, n_heads=3), 1), {"gate": gate([[0], [0, 0], [0, 0, 0]])})}
+    prompts = tmp_path / "question.jsonl"
+    prompts.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    yield model, ByteTokenizer(), head_sets, str(prompts)
+    torch.set_num_threads(threads)
+
+
+def test_every_arm_reproduces_ar_and_json_has_the_keys(tiny, capsys):
+    """Guards the benchmark's own claim: in float32 every arm emits AR's tokens (match 1.0), and the
+    last stdout line is the JSON that scripts parse."""
+    model, tokenizer, head_sets, prompts = tiny
+    cfg = BenchConfig(prompts=prompts, max_new_tokens=12, draft_dtype="float32", out_dir="")
+    summary = bench.bench(cfg, model, tokenizer, head_sets)
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last_line) == json.loads(json.dumps(summary))
+    assert JSON_KEYS <= summary.keys() and summary["n_prompts"] == 2
+    assert list(summary["arms"]) == ["ar", "medusa", "cerberus", "cerberus_nogate"]
+    for arm, r in summary["arms"].items():
+        assert ARM_KEYS <= r.keys(), arm
+        assert r["match_rate"] == 1.0, arm
+        assert set(r["by_category"]) == {"writing", "math"}
+    assert summary["arms"]["ar"]["tau"] == 1.0 and summary["arms"]["ar"]["ar_fraction"] == 1.0
+    assert summary["arms"]["cerberus_nogate"]["ar_fraction"] == 0.0  # threshold inf: never AR
+
+
+def test_main_prints_json_last(tiny, tmp_path, capsys, monkeypatch):
+    """Guards the CLI path end to end: flag spellings, bare --sweep, heads loaded from a directory."""
+    model, tokenizer, head_sets, prompts = tiny
+    for name, (heads, ckpt) in head_sets.items():
+        save_heads(str(tmp_path / f"{name}.pt"), heads, model, ckpt)
+    monkeypatch.setattr(bench, "load_smollm2", lambda: (model, tokenizer))
+    bench.main([f"--prompts={prompts}", f"--heads={tmp_path}", "--max-new-tokens=6", "--n-prompts=1",
+                "--arms=ar,cerberus", "--tree=chain2", "--sweep", f"--out_dir={tmp_path}"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["n_prompts"] == 1 and summary["tree"] == "chain2" and list(summary["arms"]) == ["ar", "cerberus"]
+    assert summary["arms"]["cerberus"]["match_rate"] == 1.0
+    assert [p["threshold"] for p in summary["sweep"]][-1] == "inf"
+
+
+def test_load_prompts_takes_first_turns_with_chat_template(tiny):
+    _, tokenizer, _, prompts = tiny
+    loaded = load_prompts(prompts, tokenizer, 0)
+    assert [p["category"] for p in loaded] == ["writing", "math"]
+    text = bytes(loaded[1]["ids"]).decode()
+    assert "What is 12 times 7?" in text and "13 times" not in text and text.endswith("assistant\n")
+    assert len(load_prompts(prompts, tokenizer, 1)) == 1
+
+
+@pytest.mark.parametrize("line", ['{"question_id": 3, "turns": ["ok"]', '{"question_id": 3, "category": "math"}'])
+def test_malformed_prompts_file_names_file_and_line(tiny, tmp_path, line):
+    _, tokenizer, _, prompts = tiny
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(open(prompts).read() + line + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl, line 3"):
+        load_prompts(str(bad), tokenizer, 1)
+
+
+def test_unknown_arm_lists_valid_arms(tiny):
+    model, tokenizer, head_sets, prompts = tiny
+    with pytest.raises(ValueError, match="cerberus_nogate"):
+        bench.bench(BenchConfig(arms="ar,eagle", prompts=prompts), model, tokenizer, head_sets)
+
+
+def test_missing_heads_file_is_a_value_error(tiny, tmp_path):
+    model, tokenizer, _, prompts = tiny
+    with pytest.raises(ValueError, match="no heads checkpoint"):
+        bench.bench(BenchConfig(prompts=prompts, heads=str(tmp_path), max_new_tokens=4), model, tokenizer)

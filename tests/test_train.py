@@ -1,0 +1,122 @@
+"""Head training: target offsets, a frozen backbone, heads that learn, checkpoints, DDP."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cerberus import CerberusHeads, MedusaHeads, Tree, generate
+from conftest import TINY, tiny_gpt, write_gguf
+from model import GPT, GPTConfig
+from train import (IGNORE, TrainConfig, head_targets, load_heads, parse_cli, save_heads, self_distill,
+                   train_config, train_heads)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_head_k_learns_token_t_plus_1_plus_k():
+    """Row i is the hidden state that predicts answer[i] (t + 1); head k's target is answer[i + k]."""
+    targets = head_targets(torch.arange(6), n_heads=3)
+    assert targets.tolist() == [[0, 1, 2, 3], [1, 2, 3, 4], [2, 3, 4, 5], [3, 4, 5, IGNORE],
+                                [4, 5, IGNORE, IGNORE], [5, IGNORE, IGNORE, IGNORE]]
+
+
+def counting_backbone():
+    """A tiny GPT trained for a few seconds to continue any run of tokens by counting up (mod V):
+    a backbone whose greedy future is predictable from its hidden state."""
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        start = torch.randint(0, TINY.vocab_size, (16, 1))
+        seq = (start + torch.arange(33)) % TINY.vocab_size
+        logits, _ = model(seq[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), seq[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval().requires_grad_(False)
+
+
+class ByteTokenizer:  # the two methods self_distill needs, for a model without a real tokenizer
+    def encode(self, text, allowed_special=()):
+        return [1] if text == "<|im_end|>" else list(text.encode())[:8]
+
+
+def test_brief_training_raises_accepted_length(monkeypatch):
+    """Heads trained on a predictable backbone must be accepted: tau well above 1 — and the
+    backbone stays bit-identical through training."""
+    model = counting_backbone()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr("train.chat_prompt", lambda tok, text: tok.encode(text))
+    cfg = TrainConfig(n_heads=3, max_answer_tokens=24, gen_batch_size=16, batch_size=64, lr=3e-3, warmup=10,
+                      gen_dtype="float32")
+    prompts = [f"{a:c}{b:c}" for a, b in torch.randint(33, 126, (48, 2)).tolist()]
+    data = self_distill(model, ByteTokenizer(), prompts, cfg)
+    heads = CerberusHeads(TINY, n_heads=3)
+    prompt, tree = [40, 41, 42], Tree.chain(3)
+    _, untrained = generate(model, prompt, 30, heads=heads, tree=tree)
+    train_heads(heads, model.lm_head.weight, data, TrainConfig(**{**vars(cfg), "epochs": 20}))
+    ids, trained = generate(model, prompt, 30, heads=heads, tree=tree)
+    assert ids == generate(model, prompt, 30)[0]
+    assert untrained.tokens_per_step < 1.5 and trained.tokens_per_step > 2.5
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path):
+    model = tiny_gpt()
+    heads = MedusaHeads(TINY, n_heads=3, n_layers=2)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.1)
+    path = str(tmp_path / "medusa.pt")
+    save_heads(path, heads, model, {"gate": {"threshold": 1.5}})
+    assert os.listdir(tmp_path) == ["medusa.pt"]  # the temp file was renamed, not left behind
+    loaded, ckpt = load_heads(path, model)
+    assert ckpt["gate"]["threshold"] == 1.5 and loaded.spec == heads.spec
+    for a, b in zip(heads.parameters(), loaded.parameters()):
+        torch.testing.assert_close(a.half().float(), b)  # stored in half precision
+
+    with pytest.raises(ValueError, match="another backbone"):
+        load_heads(path, tiny_gpt(seed=1))
+    with open(path, "rb") as f:
+        blob = f.read()
+    with open(path, "wb") as f:
+        f.write(blob[:len(blob) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_heads(path, model)
+    with pytest.raises(ValueError, match="no heads checkpoint"):
+        load_heads(str(tmp_path / "missing.pt"), model)
+
+
+def test_cli_overrides_and_recipes():
+    cfg = train_config(parse_cli(TrainConfig, ["--recipe=full", "--lr=0.002", "--n-heads=3"]))
+    assert (cfg.recipe, cfg.lr, cfg.n_heads, cfg.out_dir) == ("full", 0.002, 3, "runs/full")
+    with pytest.raises(ValueError, match="unknown argument"):
+        parse_cli(TrainConfig, ["--learning_rate=1"])
+    with pytest.raises(ValueError, match="unknown recipe"):
+        train_config({"recipe": "huge"})
+
+
+def test_torchrun_ddp_on_two_cpu_processes(tmp_path):
+    """`torchrun --nproc_per_node=2 train.py` trains with DDP (gloo) and rank 0 writes the heads."""
+    config = GPTConfig(vocab_size=259, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=512,
+                       tie_embeddings=False)
+    model = tiny_gpt(config=config)
+    write_gguf(tmp_path / "tiny.gguf", model, special=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), f"--gguf={tmp_path / 'tiny.gguf'}", f"--out_dir={out}",
+           "--n_prompts=16", "--max_answer_tokens=8", "--batch_size=8", "--heads=cerberus", "--n_heads=2",
+           "--gen_dtype=float32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["cerberus.pt", "data_rank0.pt", "data_rank1.pt", "metrics.json"]
+    from model import load_gguf
+    loaded, _ = load_gguf(str(tmp_path / "tiny.gguf"))
+    heads, ckpt = load_heads(str(out / "cerberus.pt"), loaded)
+    assert heads.n_heads == 2 and "threshold" in ckpt["gate"]
