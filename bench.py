@@ -100,7 +100,9 @@ def arm_kwargs(arm, cfg, head_sets, eos_id):
         return kwargs
     heads, ckpt = head_sets[HEAD_SET[arm]]
     gate = ckpt["gate"]
-    threshold = math.inf if arm != "cerberus" else gate["threshold"] if cfg.threshold < 0 else cfg.threshold
+    threshold = math.inf  # medusa and cerberus_nogate: always a parallel step
+    if arm == "cerberus":
+        threshold = gate["threshold"] if cfg.threshold < 0 else cfg.threshold
     return dict(kwargs, heads=heads, tree=parse_tree(cfg.tree, gate), gate_threshold=threshold,
                 gate_on=gate.get("gate_on", "backbone"))
 
@@ -126,7 +128,8 @@ def prefill_seconds(model, ids, max_new_tokens):
     """Time of what every generate() call does before decoding: allocate the cache, one forward over the prompt."""
     device, dtype = model.embed.weight.device, model.embed.weight.dtype
     prompt = torch.tensor([ids], device=device)
-    return timed(lambda: model(prompt, KVCache(model.config, len(ids) + max_new_tokens + 1, device=device, dtype=dtype)))[1]
+    size = len(ids) + max_new_tokens + 1
+    return timed(lambda: model(prompt, KVCache(model.config, size, device=device, dtype=dtype)))[1]
 
 
 def run_arms(model, prompts, settings):
@@ -180,7 +183,7 @@ def device_name(device):
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return f"{cpu} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f})"
+    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def print_step_costs(costs, head_sets):
@@ -192,8 +195,8 @@ def print_step_costs(costs, head_sets):
         gate, n = ckpt["gate"], len(ckpt["gate"]["tree"]) + 1
         there = {int(k): v for k, v in gate.get("step_costs", {}).items()}
         then = f"{there[n] / there[1]:.2f}x" if n in there and 1 in there else "?"
-        print(f"  {name} calibration: tree of {n} nodes, threshold {gate['threshold']:.3f} nats "
-              f"(gate on {gate.get('gate_on', 'backbone')}), est. speedup {gate.get('est_speedup', float('nan')):.2f}x; "
+        print(f"  {name} calibration: tree of {n} nodes, threshold {gate['threshold']:.3f} nats (gate on "
+              f"{gate.get('gate_on', 'backbone')}), est. speedup {gate.get('est_speedup', math.nan):.2f}x; "
               f"T={n} costs {then} T=1 there, {costs[n] / costs[1]:.2f}x here")
 
 
@@ -205,9 +208,10 @@ def print_tables(results, settings):
         zero = "-" if r["zero_accept"] is None else f"{r['zero_accept']:.3f}"
         print(f"{arm:<16} {nodes:>5} {r['tok_s']:7.2f} {r['speedup']:7.2f}x {r['tau']:5.2f} {r['match_rate']:6.3f} "
               f"{r['ar_fraction']:7.3f} {zero:>8}  {r['accept_histogram']}")
-    print("speedup vs ar per category: " + ", ".join(arm for arm in results if arm != "ar"))
+    others = [arm for arm in results if arm != "ar"]
+    print(f"speedup vs ar by category:\n  {'category':<14}" + "".join(f"{arm:>17}" for arm in others))
     for category in results["ar"]["by_category"]:
-        print(f"  {category:<14}" + "".join(f" {r['by_category'][category]:7.2f}x" for arm, r in results.items() if arm != "ar"))
+        print(f"  {category:<14}" + "".join(f"{results[arm]['by_category'][category]:16.2f}x" for arm in others))
 
 
 def print_sweep(points, out_dir):
@@ -236,6 +240,21 @@ def print_sweep(points, out_dir):
 
 # ----------------------------------------------------------------------------------------------
 
+def warm_up(model, prompt, settings):
+    """{arm: seconds} of one short untimed generation per arm; with torch.compile, compiling happens here."""
+    return {arm: timed(lambda: generate(model, prompt, **dict(kwargs, max_new_tokens=8)))[1]
+            for arm, kwargs in settings.items()}
+
+
+def sweep_gate(model, prompts, cerberus, prefill):
+    """Pooled metrics of the cerberus arm at each gate threshold, against an AR run taken alongside."""
+    thresholds = sorted(set(SWEEP_THRESHOLDS) | {cerberus["gate_threshold"]})
+    arms = {f"{t:g}": dict(cerberus, gate_threshold=t) for t in thresholds}  # labels: JSON has no infinity
+    runs = run_arms(model, prompts, {"ar": dict(max_new_tokens=cerberus["max_new_tokens"],
+                                                eos_id=cerberus["eos_id"]), **arms})
+    return [dict(summarise(runs[label], runs["ar"], prefill), threshold=label) for label in arms]
+
+
 @torch.no_grad()
 def bench(cfg, model=None, tokenizer=None, head_sets=None):
     """Run the arms of cfg on the same prompts; print the tables and the JSON line; return the JSON dict.
@@ -249,11 +268,10 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
     if model is None:
         model, tokenizer = load_smollm2()
     model = model.to(device, dtype).eval()
-    prompts_path = cfg.prompts or os.path.join(ROOT, "data", "bench_prompts.jsonl")
-    prompts = load_prompts(prompts_path, tokenizer, cfg.n_prompts)
+    prompts = load_prompts(cfg.prompts or os.path.join(ROOT, "data", "bench_prompts.jsonl"), tokenizer, cfg.n_prompts)
     eos_id = tokenizer.encode("<|im_end|>", allowed_special="all")[0]
-    needed = {HEAD_SET[a] for a in arms if a != "ar"} | ({"cerberus"} if cfg.sweep else set())
     if head_sets is None:
+        needed = {HEAD_SET[a] for a in arms if a != "ar"} | ({"cerberus"} if cfg.sweep else set())
         head_dir = cfg.heads or os.path.join(ROOT, "heads")
         head_sets = {name: load_heads(os.path.join(head_dir, f"{name}.pt"), model) for name in sorted(needed)}
     head_sets = {name: (heads.to(device, draft_dtype), ckpt) for name, (heads, ckpt) in head_sets.items()}
@@ -261,33 +279,26 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
     if cfg.compile:
         model.forward = torch.compile(model.forward)
 
-    tree_label = cfg.tree or "calibrated"
-    print(f"bench | {device_name(device)} | torch {torch.__version__} | dtype {cfg.dtype}, drafts {cfg.draft_dtype} "
-          f"| compile {cfg.compile} | tree {tree_label} | prompts {prompts_path} | n_prompts {len(prompts)} "
-          f"| max_new_tokens {cfg.max_new_tokens}")
-    # Warm-up: one short untimed generation per arm (with compile, this is where compiling happens).
-    short = {arm: dict(kwargs, max_new_tokens=min(8, cfg.max_new_tokens)) for arm, kwargs in settings.items()}
-    warm = {arm: timed(lambda: generate(model, prompts[0]["ids"], **kwargs))[1] for arm, kwargs in short.items()}
-    print("warm-up, untimed" + (" (includes torch.compile)" if cfg.compile else "") + ": "
+    conditions = {"device": device_name(device), "dtype": cfg.dtype, "compile": cfg.compile,
+                  "tree": cfg.tree or "calibrated", "n_prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens}
+    print(f"bench | {' | '.join(f'{k} {v}' for k, v in conditions.items())} | drafts {cfg.draft_dtype} "
+          f"| prompts {cfg.prompts or 'data/bench_prompts.jsonl'} | torch {torch.__version__}"
+          + (f" | load avg {os.getloadavg()[0]:.1f}" if device.type == "cpu" else ""))
+    warm = warm_up(model, prompts[0]["ids"], settings)
+    print(f"warm-up, untimed{' (includes torch.compile)' if cfg.compile else ''}: "
           + ", ".join(f"{arm} {s:.2f}s" for arm, s in warm.items()))
     tree_sizes = {len(ckpt["gate"]["tree"]) + 1 for _, ckpt in head_sets.values()}
     tree_sizes |= {kw["tree"].n_nodes for kw in settings.values() if "tree" in kw}
     print_step_costs(step_costs(model, sorted(set(STEP_SIZES) | tree_sizes)), head_sets)
 
     prefill = [prefill_seconds(model, p["ids"], cfg.max_new_tokens) for p in prompts]
+    print(f"prefill (a bare forward, once per prompt; subtracted for decode tok/s): "
+          f"mean {1e3 * sum(prefill) / len(prefill):.1f} ms")
     results = report(run_arms(model, prompts, settings), prompts, prefill)
     print_tables(results, settings)
-    summary = {"device": device_name(device), "dtype": cfg.dtype, "compile": cfg.compile, "tree": tree_label,
-               "n_prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens,
-               "arms": {arm: dict(r, warmup_s=warm[arm]) for arm, r in results.items()}}
-
+    summary = dict(conditions, arms={arm: dict(r, warmup_s=warm[arm]) for arm, r in results.items()})
     if cfg.sweep:
-        base = arm_kwargs("cerberus", cfg, head_sets, eos_id)
-        thresholds = sorted(set(SWEEP_THRESHOLDS) | {base["gate_threshold"]})
-        sweep = {f"{t:g}": dict(base, gate_threshold=t) for t in thresholds}
-        runs = run_arms(model, prompts, {"ar": settings["ar"], **sweep})
-        summary["sweep"] = [dict(summarise(runs[label], runs["ar"], prefill), threshold=label)
-                            for label in sweep]  # labels, since JSON has no infinity
+        summary["sweep"] = sweep_gate(model, prompts, arm_kwargs("cerberus", cfg, head_sets, eos_id), prefill)
         print_sweep(summary["sweep"], cfg.out_dir)
     print(json.dumps(summary))  # last line of stdout
     return summary

@@ -29,6 +29,7 @@ from model import KVCache, chat_prompt, load_gguf, load_smollm2
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 IGNORE = -100  # target index that cross_entropy skips (past the end of an answer)
+NO_TARGET = 255  # rank stored where a head has no target; true ranks are capped at 254 (uint8)
 
 
 @dataclass
@@ -229,8 +230,8 @@ def train_heads(heads, lm_weight, data, cfg, desc="heads"):
 
 @torch.no_grad()
 def target_ranks(heads, lm_weight, data, n_heads, chunk=512):
-    """(M, K) rank of the true target among each head's logits (0 = top-1); a large number where
-    the answer has ended. Tree acceptance and top-k accuracy follow from these ranks."""
+    """(M, K) uint8 rank of the true target among each head's logits (0 = top-1, capped at 254);
+    NO_TARGET where the answer has ended. Tree acceptance and top-k accuracy follow from these."""
     ranks = []
     for i in range(0, len(data["targets"]), chunk):
         logits = head_logits(heads, lm_weight, data["hidden"][i:i + chunk].float(), n_heads).float()
@@ -238,13 +239,13 @@ def target_ranks(heads, lm_weight, data, n_heads, chunk=512):
         valid = target != IGNORE
         picked = logits.gather(-1, target.clamp(min=0)[..., None])  # (K, b, 1)
         rank = (logits > picked).sum(-1)
-        ranks.append(torch.where(valid, rank, torch.iinfo(torch.int32).max).T)
+        ranks.append(torch.where(valid, rank.clamp(max=NO_TARGET - 1), NO_TARGET).T.to(torch.uint8))
     return torch.cat(ranks)
 
 
 def accuracy(ranks):
     """Per-head top-1 and top-5, over positions where the head has a target."""
-    valid = ranks < torch.iinfo(torch.int32).max
+    valid = ranks != NO_TARGET
     out = {}
     for k in range(ranks.shape[1]):
         r = ranks[valid[:, k], k]
@@ -268,39 +269,51 @@ def accepted_lengths(ranks, tree):
 # ----------------------------------------------------------------------------------------------
 # Gate calibration: which tree and which entropy threshold pay on this device.
 
-@torch.no_grad()
-def step_costs(model, sizes, n_cached=256, repeats=5):
-    """{T: seconds} for one backbone forward of T new tokens on a cached prefix (lm_head included)."""
-    device = model.embed.weight.device
+def best_seconds(fn, device, repeats=7):
+    """Fastest wall time of fn() over repeats, after one warm-up call, synchronising the GPU around
+    the clock. The minimum, not the mean: on a shared machine the noise only ever adds time."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+@torch.no_grad()
+def step_costs(model, sizes, n_cached=256):
+    """{T: seconds} for one backbone forward of T new tokens on a cached prefix (lm_head included)."""
+    device, V = model.embed.weight.device, model.config.vocab_size
     cache = KVCache(model.config, n_cached + max(sizes), device=device, dtype=model.embed.weight.dtype)
-    V = model.config.vocab_size
     model(torch.randint(0, V, (1, n_cached), device=device), cache)
     cache.length = n_cached
-    costs = {}
-    for T in sizes:
-        x = torch.randint(0, V, (1, T), device=device)
-        model(x, cache)  # warm-up
-        times = []
-        for _ in range(repeats):
-            sync()
-            t0 = time.perf_counter()
-            model(x, cache)
-            sync()
-            times.append(time.perf_counter() - t0)
-        costs[T] = sorted(times)[len(times) // 2]  # median
-    return costs
+    return {T: best_seconds(lambda: model(torch.randint(0, V, (1, T), device=device), cache), device)
+            for T in sizes}
 
 
-def calibrate(ranks, gate_entropy, costs, max_depth):
+@torch.no_grad()
+def draft_costs(heads, lm_weight):
+    """{d: seconds} to draft with the first d heads at one position (heads, lm_head, top-k)."""
+    hidden = torch.randn(heads.n_embd, device=lm_weight.device)
+    return {d: best_seconds(lambda: head_logits(heads, lm_weight, hidden, d).topk(10, dim=-1), lm_weight.device)
+            for d in range(1, heads.n_heads + 1)}
+
+
+def calibrate(ranks, gate_entropy, costs, drafting):
     """Pick the tree and the entropy threshold that maximise estimated tokens per second.
 
-    For each candidate tree size, the best tree for the measured rank accuracies (Tree.best);
-    then, over thresholds at entropy quantiles, speed = tokens / time where a position with
-    entropy below the threshold costs a tree step and yields 1 + accepted tokens, else an AR step
+    costs: {T: seconds} of a backbone forward; drafting: {depth: seconds} of the heads. For each
+    candidate tree size, the best tree for the measured rank accuracies (Tree.best); then, over
+    thresholds at entropy quantiles, speed = tokens / time where a position with entropy below the
+    threshold costs a tree step (drafts + forward) and yields 1 + accepted tokens, else an AR step
     and 1 token. Positions stand in for steps: an estimate, which the benchmark then measures.
     """
-    valid = ranks < torch.iinfo(torch.int32).max
+    max_depth = len(drafting)
+    valid = ranks != NO_TARGET
     accuracy_table = [[float(((ranks[:, k] == r) & valid[:, k]).float().sum() / valid[:, k].sum().clamp(min=1))
                        for r in range(10)] for k in range(max_depth)]
     quantiles = torch.quantile(gate_entropy, torch.linspace(0, 1, 21)).tolist()
@@ -311,16 +324,18 @@ def calibrate(ranks, gate_entropy, costs, max_depth):
             continue
         tree = Tree.best(accuracy_table, n)
         gain = 1 + accepted_lengths(ranks, tree).float()  # tokens a tree step would yield
+        tree_cost = costs[n] + drafting[tree.max_depth]
         for threshold in thresholds:
             parallel = gate_entropy < threshold
             tokens = torch.where(parallel, gain, torch.ones_like(gain)).sum()
-            seconds = parallel.sum() * costs[n] + (~parallel).sum() * costs[1]
+            seconds = parallel.sum() * tree_cost + (~parallel).sum() * costs[1]
             speed = float(tokens / seconds)
             if best is None or speed > best["est_tok_s"]:
                 tau = float(gain[parallel].mean()) if parallel.any() else 1.0
                 best = {"tree": [list(p) for p in tree.paths], "threshold": threshold, "gate_on": "backbone",
                         "est_tok_s": speed, "est_speedup": speed * costs[1], "est_tau_parallel": tau}
-    return {**best, "step_costs": {str(k): v for k, v in costs.items()}, "accuracy_table": accuracy_table}
+    return {**best, "step_costs": {str(k): v for k, v in costs.items()},
+            "draft_costs": {str(k): v for k, v in drafting.items()}, "accuracy_table": accuracy_table}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,10 +443,13 @@ def train(cfg):
             continue
         ranks = target_ranks(heads, lm_weight, held_out, cfg.n_heads)
         result = {"params": parameter_count(heads), "train_seconds": round(seconds, 1),
-                  "held_out": accuracy(ranks), "gate": calibrate(ranks, gate_entropy, costs, cfg.n_heads)}
+                  "held_out": accuracy(ranks),
+                  "gate": calibrate(ranks, gate_entropy, costs, draft_costs(heads, lm_weight))}
         metrics["heads"][name] = result
+        calibration = {"entropy": gate_entropy.half(), "ranks": ranks}
         save_heads(os.path.join(cfg.out_dir, f"{name}.pt"), heads, model,
-                   {"gate": result["gate"], "held_out": result["held_out"], "train_config": asdict(cfg)})
+                   {"gate": result["gate"], "held_out": result["held_out"], "train_config": asdict(cfg),
+                    "calibration": calibration})  # lets the benchmark re-calibrate for its own device
         print(f"{name}: {result['params']:,} params, {seconds:.0f}s, held-out {result['held_out']}, "
               f"tree {len(result['gate']['tree']) + 1} nodes, threshold {result['gate']['threshold']:.3f}")
     if rank() == 0:

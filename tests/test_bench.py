@@ -33,10 +33,8 @@ def gate(tree):
 
 
 @pytest.fixture
-def tiny(tmp_path, monkeypatch):
+def tiny(tmp_path):
     """A tiny model, its tokenizer, a head set of each kind and a two-question prompts file."""
-    # train.step_costs (tested with train.py) feeds token ids up to 1000, beyond this vocabulary.
-    monkeypatch.setattr(bench, "step_costs", lambda model, sizes: {T: 1e-3 * (1 + T / 16) for T in sizes})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # matmuls this small gain nothing from threads, and stall ~15 ms when the cores are busy
     model = tiny_gpt(0, CONFIG)
