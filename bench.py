@@ -17,14 +17,14 @@ import platform
 import sys
 import time
 from collections import Counter, namedtuple
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from cerberus import Tree, generate
 from model import KVCache, chat_prompt, load_smollm2
-from train import load_heads, parse_cli, step_costs
+from train import calibrate, draft_costs, load_heads, parse_cli, step_costs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ARMS = ("ar", "medusa", "cerberus", "cerberus_nogate")
@@ -46,6 +46,7 @@ class BenchConfig:
     arms: str = "ar,medusa,cerberus,cerberus_nogate"  # "ar" always runs: it is the baseline
     threshold: float = -1.0  # entropy gate of the cerberus arm in nats; -1 = the calibrated one
     draft_dtype: str = "bfloat16"  # heads and their lm_head copy; drafts change only the speed, never the output
+    calibrate: bool = True  # choose each head set's tree and threshold from this device's step costs
     sweep: bool = False  # also run the cerberus arm over several gate thresholds
     out_dir: str = "out"  # where the sweep's PNG goes
     seed: int = 0
@@ -93,7 +94,19 @@ def parse_tree(spec, gate):
     return Tree(ast.literal_eval(spec)) if spec.lstrip().startswith("[") else Tree.preset(spec)
 
 
-def arm_kwargs(arm, cfg, head_sets, eos_id):
+def recalibrate(head_sets, costs, draft_weight):
+    """Re-choose each head set's tree and gate threshold for the step costs measured here, from the
+    held-out entropies and target ranks stored in its checkpoint (train.calibrate): a tree that
+    pays on one device may lose on another. Head sets without that data keep their stored gate."""
+    for name, (heads, ckpt) in head_sets.items():
+        if "calibration" in ckpt:
+            data = ckpt["calibration"]
+            ckpt["gate"] = calibrate(data["ranks"], data["entropy"].float(), costs, draft_costs(heads, draft_weight))
+            print(f"  {name} re-calibrated here: tree of {len(ckpt['gate']['tree']) + 1} nodes, threshold "
+                  f"{ckpt['gate']['threshold']:.3f} nats, est. speedup {ckpt['gate']['est_speedup']:.2f}x")
+
+
+def arm_kwargs(arm, cfg, head_sets, eos_id, draft_weight):
     """generate() keyword arguments of one arm. Only the cerberus arm gates; the others always go parallel."""
     kwargs = dict(max_new_tokens=cfg.max_new_tokens, eos_id=eos_id)
     if arm == "ar":
@@ -104,7 +117,7 @@ def arm_kwargs(arm, cfg, head_sets, eos_id):
     if arm == "cerberus":
         threshold = gate["threshold"] if cfg.threshold < 0 else cfg.threshold
     return dict(kwargs, heads=heads, tree=parse_tree(cfg.tree, gate), gate_threshold=threshold,
-                gate_on=gate.get("gate_on", "backbone"))
+                gate_on=gate.get("gate_on", "backbone"), draft_weight=draft_weight)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,10 +207,10 @@ def print_step_costs(costs, head_sets):
     for name, (_, ckpt) in head_sets.items():
         gate, n = ckpt["gate"], len(ckpt["gate"]["tree"]) + 1
         there = {int(k): v for k, v in gate.get("step_costs", {}).items()}
-        then = f"{there[n] / there[1]:.2f}x" if n in there and 1 in there else "?"
-        print(f"  {name} calibration: tree of {n} nodes, threshold {gate['threshold']:.3f} nats (gate on "
+        ratio = lambda c: f"{c[n] / c[1]:.2f}x" if n in c and 1 in c else "?"  # noqa: E731
+        print(f"  {name} checkpoint: tree of {n} nodes, threshold {gate['threshold']:.3f} nats (gate on "
               f"{gate.get('gate_on', 'backbone')}), est. speedup {gate.get('est_speedup', math.nan):.2f}x; "
-              f"T={n} costs {then} T=1 there, {costs[n] / costs[1]:.2f}x here")
+              f"T={n} cost {ratio(there)} T=1 where it was calibrated, {ratio(costs)} here")
 
 
 def print_tables(results, settings):
@@ -275,7 +288,7 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
         head_dir = cfg.heads or os.path.join(ROOT, "heads")
         head_sets = {name: load_heads(os.path.join(head_dir, f"{name}.pt"), model) for name in sorted(needed)}
     head_sets = {name: (heads.to(device, draft_dtype), ckpt) for name, (heads, ckpt) in head_sets.items()}
-    settings = {arm: arm_kwargs(arm, cfg, head_sets, eos_id) for arm in arms}
+    draft_weight = model.lm_head.weight.to(draft_dtype)  # cast once, not in every generate() call
     if cfg.compile:
         model.forward = torch.compile(model.forward)
 
@@ -284,12 +297,15 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
     print(f"bench | {' | '.join(f'{k} {v}' for k, v in conditions.items())} | drafts {cfg.draft_dtype} "
           f"| prompts {cfg.prompts or 'data/bench_prompts.jsonl'} | torch {torch.__version__}"
           + (f" | load avg {os.getloadavg()[0]:.1f}" if device.type == "cpu" else ""))
+    model(torch.zeros(1, 8, dtype=torch.long, device=device))  # first call (compiles, with --compile)
+    costs = step_costs(model, STEP_SIZES)
+    print_step_costs(costs, head_sets)
+    if cfg.calibrate:
+        recalibrate(head_sets, costs, draft_weight)
+    settings = {arm: arm_kwargs(arm, cfg, head_sets, eos_id, draft_weight) for arm in arms}
     warm = warm_up(model, prompts[0]["ids"], settings)
     print(f"warm-up, untimed{' (includes torch.compile)' if cfg.compile else ''}: "
           + ", ".join(f"{arm} {s:.2f}s" for arm, s in warm.items()))
-    tree_sizes = {len(ckpt["gate"]["tree"]) + 1 for _, ckpt in head_sets.values()}
-    tree_sizes |= {kw["tree"].n_nodes for kw in settings.values() if "tree" in kw}
-    print_step_costs(step_costs(model, sorted(set(STEP_SIZES) | tree_sizes)), head_sets)
 
     prefill = [prefill_seconds(model, p["ids"], cfg.max_new_tokens) for p in prompts]
     print(f"prefill (a bare forward, once per prompt; subtracted for decode tok/s): "
@@ -298,17 +314,15 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
     print_tables(results, settings)
     summary = dict(conditions, arms={arm: dict(r, warmup_s=warm[arm]) for arm, r in results.items()})
     if cfg.sweep:
-        summary["sweep"] = sweep_gate(model, prompts, arm_kwargs("cerberus", cfg, head_sets, eos_id), prefill)
+        summary["sweep"] = sweep_gate(model, prompts, arm_kwargs("cerberus", cfg, head_sets, eos_id, draft_weight),
+                                      prefill)
         print_sweep(summary["sweep"], cfg.out_dir)
     print(json.dumps(summary))  # last line of stdout
     return summary
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    switches = {f.name for f in fields(BenchConfig) if f.type is bool}  # a bare --compile means --compile=true
-    argv = [f"{arg}=true" if arg.removeprefix("--").replace("-", "_") in switches else arg for arg in argv]
-    bench(BenchConfig(**parse_cli(BenchConfig, argv)))
+    bench(BenchConfig(**parse_cli(BenchConfig, sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

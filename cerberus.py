@@ -140,6 +140,10 @@ class Tree:
         self.max_rank = int(self.rank.max())
 
     @classmethod
+    def from_paths(cls, paths):
+        return cls(paths)
+
+    @classmethod
     def chain(cls, k):
         """k drafts in a line: plain speculative decoding with the heads as the draft model."""
         return cls([(0,) * d for d in range(1, k + 1)])
@@ -248,12 +252,14 @@ def check_request(model, prompt, max_new_tokens, heads, tree):
 
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens, heads=None, tree=None, gate_threshold=float("inf"),
-             eos_id=None, gate_on="backbone", trace=False):
+             eos_id=None, gate_on="backbone", trace=False, draft_weight=None):
     """Greedy decoding of one prompt; returns (new token ids, Stats). Without heads: plain AR.
 
     With heads: at each step, if the entropy of the gate's distribution (`gate_on`: "backbone",
     the next-token distribution; or "head1", head 1's) is below `gate_threshold`, a parallel step
     (0 = always AR, inf = always parallel). The ids are those of greedy AR whatever the heads do.
+    draft_weight: the lm_head weight the heads draft through; default the model's, cast to the
+    heads' dtype (pass a cast copy once to keep that conversion out of every call).
     """
     device = model.embed.weight.device
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
@@ -262,7 +268,7 @@ def generate(model, prompt_ids, max_new_tokens, heads=None, tree=None, gate_thre
     check_request(model, prompt, max_new_tokens, heads, tree)
     if heads is not None:
         tree = tree.to(device)
-        lm_weight = model.lm_head.weight.to(next(heads.parameters()).dtype)  # drafts in the heads' dtype
+        lm_weight = model.lm_head.weight.to(next(heads.parameters()).dtype) if draft_weight is None else draft_weight
 
     cache = KVCache(model.config, len(prompt) + max_new_tokens + (tree.n_nodes if tree else 1),
                     device=device, dtype=model.embed.weight.dtype)

@@ -60,12 +60,15 @@ RECIPES = {
 
 
 def parse_cli(config_class, argv):
-    """`--key=value` arguments onto a dataclass config; unknown keys are an error."""
+    """`--key=value` arguments onto a dataclass config (a bare `--flag` sets a bool field to true);
+    unknown keys are an error."""
     known = {f.name: f for f in fields(config_class)}
     values = {}
     for arg in argv:
         key, eq, value = arg.removeprefix("--").partition("=")
         key = key.replace("-", "_")
+        if key in known and known[key].type in (bool, "bool") and not eq:
+            eq, value = "=", "true"
         if not arg.startswith("--") or not eq or key not in known:
             raise ValueError(f"unknown argument {arg!r}; expected --key=value with key in {sorted(known)}")
         kind = known[key].type
