@@ -10,6 +10,7 @@ calibration, one row per arm, speedup per prompt category, and as the last line 
 object. Every arm decodes greedily, so in float32 each must reproduce AR token for token (match 1.000).
 """
 import ast
+import itertools
 import json
 import math
 import os
@@ -40,7 +41,7 @@ class BenchConfig:
     compile: bool = False  # torch.compile the model's forward (first calls, in the warm-up, are reported apart)
     tree: str = ""  # "" = each checkpoint's calibrated tree; a preset ("chain2", "sparse16"); or paths "[(0,), (0, 0)]"
     max_new_tokens: int = 128
-    n_prompts: int = 0  # 0 = every prompt in the file
+    n_prompts: int = 24  # taken round-robin over the categories (24 = 3 each of 8); 0 = every prompt
     prompts: str = ""  # "" = data/bench_prompts.jsonl; or any MT-Bench-format question.jsonl (first turns)
     heads: str = ""  # directory holding cerberus.pt and medusa.pt; "" = the shipped heads/
     arms: str = "ar,medusa,cerberus,cerberus_nogate"  # "ar" always runs: it is the baseline
@@ -56,8 +57,9 @@ class BenchConfig:
 # Inputs: prompts, arms, heads.
 
 def load_prompts(path, tokenizer, n):
-    """The first n questions (0 = all) of an MT-Bench-format file as [{"category", "ids"}]: first turn,
-    chat template applied. Every line is checked, so a malformed file fails before any timing."""
+    """n questions (0 = all) of an MT-Bench-format file as [{"category", "ids"}]: first turns, chat
+    template applied, taken round-robin over the categories so that any n covers them evenly. Every
+    line is checked, so a malformed file fails before any timing."""
     if not os.path.isfile(path):
         raise ValueError(f"prompts file not found: {path}")
     questions = []
@@ -75,8 +77,12 @@ def load_prompts(path, tokenizer, n):
             questions.append(question)
     if not questions:
         raise ValueError(f"{path} holds no questions")
+    by_category = {}
+    for q in questions:
+        by_category.setdefault(q.get("category", "all"), []).append(q)
+    spread = [q for rank in itertools.zip_longest(*by_category.values()) for q in rank if q is not None]
     return [{"category": q.get("category", "all"), "ids": chat_prompt(tokenizer, q["turns"][0])}
-            for q in questions[:n or None]]
+            for q in spread[:n or None]]
 
 
 def parse_arms(spec):

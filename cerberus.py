@@ -225,7 +225,7 @@ class Stats:
         return dict(sorted(Counter(self.accept_lengths).items()))
 
 
-def check_request(model, prompt, max_new_tokens, heads, tree):
+def check_request(model, prompt, max_new_tokens, heads, tree, gate_on):
     """Turn bad input into a ValueError that names the problem and the fix."""
     cfg = model.config
     if prompt.ndim != 1 or len(prompt) == 0:
@@ -241,6 +241,8 @@ def check_request(model, prompt, max_new_tokens, heads, tree):
                          f"exceeds the context of {cfg.block_size} tokens; shorten the prompt or generate less")
     if tree is not None and heads is None:
         raise ValueError("a tree needs draft heads: pass heads=... or drop tree=")
+    if gate_on not in ("backbone", "head1"):
+        raise ValueError(f"unknown gate_on {gate_on!r}: use 'backbone' (next-token entropy) or 'head1'")
     if heads is not None:
         if (heads.n_embd, heads.vocab_size) != (cfg.n_embd, cfg.vocab_size):
             raise ValueError(f"heads were built for width {heads.n_embd} / vocab {heads.vocab_size}, but the "
@@ -265,7 +267,7 @@ def generate(model, prompt_ids, max_new_tokens, heads=None, tree=None, gate_thre
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
     if heads is not None and tree is None:
         tree = Tree.chain(heads.n_heads)
-    check_request(model, prompt, max_new_tokens, heads, tree)
+    check_request(model, prompt, max_new_tokens, heads, tree, gate_on)
     if heads is not None:
         tree = tree.to(device)
         lm_weight = model.lm_head.weight.to(next(heads.parameters()).dtype) if draft_weight is None else draft_weight
@@ -280,13 +282,12 @@ def generate(model, prompt_ids, max_new_tokens, heads=None, tree=None, gate_thre
     while True:
         root = next_logits.argmax().view(1)  # the backbone's own next token, (1,)
         drafts = gate = None
-        parallel = heads is not None and gate_threshold > 0
-        if parallel and gate_on == "head1":
+        use_heads = heads is not None and gate_threshold > 0  # threshold 0: always AR
+        if use_heads and gate_on == "head1":
             drafts = head_logits(heads, lm_weight, last_hidden, max(tree.max_depth, 1))
-            gate = float(entropy(drafts[0]))
-        elif parallel and gate_threshold < math.inf:
-            gate = float(entropy(next_logits))
-        parallel = parallel and (gate is None or gate < gate_threshold)
+        if use_heads and gate_threshold < math.inf:  # threshold inf: always parallel, no entropy needed
+            gate = float(entropy(next_logits if drafts is None else drafts[0]))
+        parallel = use_heads and (gate is None or gate < gate_threshold)
 
         if parallel:  # propose -> verify -> keep
             if drafts is None:
