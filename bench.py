@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from cerberus import Tree, generate
 from model import KVCache, chat_prompt, load_smollm2
-from train import calibrate, draft_costs, load_heads, parse_cli, step_costs
+from train import accuracy, calibrate, draft_costs, head_targets, load_heads, parse_cli, step_costs, target_ranks
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ARMS = ("ar", "medusa", "cerberus", "cerberus_nogate")
@@ -180,6 +180,22 @@ def summarise(gens, baseline, prefill):
             "new_tokens": new_tokens, "seconds": sum(g.seconds for g in gens)}
 
 
+def head_accuracy(model, head_sets, draft_weight, prompts, ar_runs):
+    """{head set: per-head top-1/top-5} on the AR answers to these very prompts: one forward per prompt
+    gives the hidden state before each answer token, and head k should name the token k after it."""
+    device, accuracies = model.embed.weight.device, {}
+    for name, (heads, _) in head_sets.items():
+        hidden, targets = [], []
+        for prompt, run in zip(prompts, ar_runs):
+            P = len(prompt["ids"])
+            _, states = model(torch.tensor([prompt["ids"] + run.ids], device=device))
+            hidden.append(states[0, P - 1:P - 1 + len(run.ids)])  # (A, C): row i predicts answer token i
+            targets.append(head_targets(torch.tensor(run.ids, device=device), heads.n_heads))
+        data = {"hidden": torch.cat(hidden), "targets": torch.cat(targets)}
+        accuracies[name] = accuracy(target_ranks(heads, draft_weight, data, heads.n_heads))
+    return accuracies
+
+
 def report(runs, prompts, prefill):
     """summarise() per arm, plus speedup per prompt category."""
     categories = {}  # category -> indices of its prompts, in file order
@@ -316,9 +332,15 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
     prefill = [prefill_seconds(model, p["ids"], cfg.max_new_tokens) for p in prompts]
     print(f"prefill (a bare forward, once per prompt; subtracted for decode tok/s): "
           f"mean {1e3 * sum(prefill) / len(prefill):.1f} ms")
-    results = report(run_arms(model, prompts, settings), prompts, prefill)
+    runs = run_arms(model, prompts, settings)
+    results = report(runs, prompts, prefill)
     print_tables(results, settings)
-    summary = dict(conditions, arms={arm: dict(r, warmup_s=warm[arm]) for arm, r in results.items()})
+    heads_seen = head_accuracy(model, head_sets, draft_weight, prompts, runs["ar"])
+    for name, acc in heads_seen.items():
+        print(f"{name} heads on these prompts' AR answers, top-1 / top-5: "
+              + "  ".join(f"{k} {a['top1']:.3f} / {a['top5']:.3f}" for k, a in acc.items()))
+    summary = dict(conditions, arms={arm: dict(r, warmup_s=warm[arm]) for arm, r in results.items()},
+                   head_accuracy=heads_seen)
     if cfg.sweep:
         summary["sweep"] = sweep_gate(model, prompts, arm_kwargs("cerberus", cfg, head_sets, eos_id, draft_weight),
                                       prefill)

@@ -188,19 +188,7 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
-        if T == 0:
-            raise ValueError("forward got an empty sequence (T = 0); pass at least one token")
-        if cache is not None and start + T > cache.max_len:
-            raise ValueError(f"{start} cached + {T} new tokens overflow the KV cache of {cache.max_len} slots; "
-                             f"allocate a larger KVCache")
-        if pos is None:
-            pos = torch.arange(start, start + T, device=idx.device)
-            if start + T > self.config.block_size:
-                raise ValueError(f"{start + T} tokens exceed the context of {self.config.block_size}; "
-                                 f"use a shorter sequence")
-        elif int(pos.min()) < 0 or int(pos.max()) >= self.config.block_size:
-            raise ValueError(f"positions must lie in [0, {self.config.block_size}); got "
-                             f"[{int(pos.min())}, {int(pos.max())}]")
+        pos = self.positions(T, cache, pos)
         if mask is None and start > 0 and T > 1:
             mask = causal_mask(T, start, idx.device)
 
@@ -211,6 +199,24 @@ class GPT(nn.Module):
             x = block(x, cos, sin, kv, start, mask)
         hidden = self.norm(x)
         return self.lm_head(hidden), hidden
+
+    def positions(self, T, cache, pos):
+        """The rotary positions of T new tokens (default: right after the cache), checked to fit."""
+        start = cache.length if cache is not None else 0
+        if T == 0:
+            raise ValueError("forward got an empty sequence (T = 0); pass at least one token")
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"{start} cached + {T} new tokens overflow the KV cache of {cache.max_len} slots; "
+                             f"allocate a larger KVCache")
+        if pos is None:
+            if start + T > self.config.block_size:
+                raise ValueError(f"{start + T} tokens exceed the context of {self.config.block_size}; "
+                                 f"use a shorter sequence")
+            return torch.arange(start, start + T, device=self.embed.weight.device)
+        if int(pos.min()) < 0 or int(pos.max()) >= self.config.block_size:  # two host syncs: fine in eager
+            raise ValueError(f"positions must lie in [0, {self.config.block_size}); got "
+                             f"[{int(pos.min())}, {int(pos.max())}]")
+        return pos
 
     def fingerprint(self):
         """A short hash of the config and a few weights, the same in any dtype: heads trained for one

@@ -62,6 +62,8 @@ def test_every_arm_reproduces_ar_and_json_has_the_keys(tiny, capsys):
         assert set(r["by_category"]) == {"writing", "math"}
     assert summary["arms"]["ar"]["tau"] == 1.0 and summary["arms"]["ar"]["ar_fraction"] == 1.0
     assert summary["arms"]["cerberus_nogate"]["ar_fraction"] == 0.0  # threshold inf: never AR
+    assert set(summary["head_accuracy"]) == {"medusa", "cerberus"}
+    assert 0.0 <= summary["head_accuracy"]["cerberus"]["head1"]["top1"] <= 1.0
 
 
 def test_main_prints_json_last(tiny, tmp_path, capsys, monkeypatch):
