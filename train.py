@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import os
+import pathlib
 import random
 import sys
 import time
@@ -344,14 +345,19 @@ def calibrate(ranks, gate_entropy, costs, drafting):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: atomic writes, configs included, refuse the wrong backbone.
 
-def save_heads(path, heads, backbone, extra):
-    """Write heads (half precision) with their spec and the backbone's fingerprint: temp, then rename."""
-    state = {k: v.detach().to(torch.float16).cpu() for k, v in heads.state_dict().items()}
-    payload = {"spec": heads.spec, "state_dict": state, "backbone": backbone.fingerprint(), **extra}
+def write_atomically(path, write):
+    """write(temporary path), then rename over `path`: a crash never leaves a half-written file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(payload, tmp)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def save_heads(path, heads, backbone, extra):
+    """Write heads (half precision) with their spec and the backbone's fingerprint, atomically."""
+    state = {k: v.detach().to(torch.float16).cpu() for k, v in heads.state_dict().items()}
+    payload = {"spec": heads.spec, "state_dict": state, "backbone": backbone.fingerprint(), **extra}
+    write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_heads(path, model):
@@ -415,10 +421,8 @@ def get_data(model, tokenizer, cfg):
     held_out = self_distill(gen_model, tokenizer, prompts[:n_held], cfg, "held-out answers")
     train = self_distill(gen_model, tokenizer, prompts[n_held:], cfg, "training answers")
     seconds = time.time() - t0
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({"key": key, "train": train, "held_out": held_out, "seconds": seconds}, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: torch.save(
+        {"key": key, "train": train, "held_out": held_out, "seconds": seconds}, tmp))
     return train, held_out, seconds
 
 
@@ -456,8 +460,8 @@ def train(cfg):
         print(f"{name}: {result['params']:,} params, {seconds:.0f}s, held-out {result['held_out']}, "
               f"tree {len(result['gate']['tree']) + 1} nodes, threshold {result['gate']['threshold']:.3f}")
     if rank() == 0:
-        with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=1)
+        write_atomically(os.path.join(cfg.out_dir, "metrics.json"),
+                         lambda tmp: pathlib.Path(tmp).write_text(json.dumps(metrics, indent=1)))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return metrics
