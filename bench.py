@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from cerberus import Tree, generate
 from model import KVCache, chat_prompt, load_smollm2
-from train import accuracy, calibrate, draft_costs, head_targets, load_heads, parse_cli, step_costs, target_ranks
+from train import (accuracy, calibrate, draft_costs, head_targets, load_heads, parse_cli, print_entropy_curve,
+                   step_costs, target_ranks)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ARMS = ("ar", "medusa", "cerberus", "cerberus_nogate")
@@ -110,6 +111,7 @@ def recalibrate(head_sets, costs, draft_weight):
             ckpt["gate"] = calibrate(data["ranks"], data["entropy"].float(), costs, draft_costs(heads, draft_weight))
             print(f"  {name} re-calibrated here: tree of {len(ckpt['gate']['tree']) + 1} nodes, threshold "
                   f"{ckpt['gate']['threshold']:.3f} nats, est. speedup {ckpt['gate']['est_speedup']:.2f}x")
+            print_entropy_curve(ckpt["gate"]["entropy_curve"], ckpt["gate"]["threshold"])
 
 
 def arm_kwargs(arm, cfg, head_sets, eos_id, draft_weight):

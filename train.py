@@ -337,9 +337,27 @@ def calibrate(ranks, gate_entropy, costs, drafting):
             if best is None or speed > best["est_tok_s"]:
                 tau = float(gain[parallel].mean()) if parallel.any() else 1.0
                 best = {"tree": [list(p) for p in tree.paths], "threshold": threshold, "gate_on": "backbone",
-                        "est_tok_s": speed, "est_speedup": speed * costs[1], "est_tau_parallel": tau}
+                        "est_tok_s": speed, "est_speedup": speed * costs[1], "est_tau_parallel": tau,
+                        "entropy_curve": entropy_curve(gate_entropy, gain - 1)}
     return {**best, "step_costs": {str(k): v for k, v in costs.items()},
             "draft_costs": {str(k): v for k, v in drafting.items()}, "accuracy_table": accuracy_table}
+
+
+def entropy_curve(gate_entropy, accepted, n_bins=8):
+    """Mean drafts accepted in equal-count bins of the gate's entropy: why a gate pays at all."""
+    edges = torch.quantile(gate_entropy, torch.linspace(0, 1, n_bins + 1)).tolist()
+    bins = torch.bucketize(gate_entropy, torch.tensor(edges[1:-1]))
+    return [{"entropy": (round(edges[b], 3), round(edges[b + 1], 3)),
+             "accepted": round(float(accepted[bins == b].float().mean()), 3)} for b in range(n_bins)]
+
+
+def print_entropy_curve(curve, threshold):
+    print(f"  drafts accepted vs gate entropy (bins of equal count; gate threshold {threshold:.3f} nats):")
+    top = max(max(b["accepted"] for b in curve), 1e-9)
+    for b in curve:
+        lo, hi = b["entropy"]
+        side = "parallel" if hi <= threshold else "AR" if lo >= threshold else "both"
+        print(f"    {lo:6.3f}..{hi:6.3f} nats  {b['accepted']:5.2f}  {'#' * round(30 * b['accepted'] / top):<30} {side}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,6 +477,7 @@ def train(cfg):
                     "calibration": calibration})  # lets the benchmark re-calibrate for its own device
         print(f"{name}: {result['params']:,} params, {seconds:.0f}s, held-out {result['held_out']}, "
               f"tree {len(result['gate']['tree']) + 1} nodes, threshold {result['gate']['threshold']:.3f}")
+        print_entropy_curve(result["gate"]["entropy_curve"], result["gate"]["threshold"])
     if rank() == 0:
         write_atomically(os.path.join(cfg.out_dir, "metrics.json"),
                          lambda tmp: pathlib.Path(tmp).write_text(json.dumps(metrics, indent=1)))

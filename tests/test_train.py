@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from cerberus import CerberusHeads, MedusaHeads, Tree, generate
 from conftest import TINY, tiny_gpt, write_gguf
 from model import GPT, GPTConfig
-from train import (IGNORE, TrainConfig, head_targets, load_heads, parse_cli, save_heads, self_distill,
+from train import (IGNORE, TrainConfig, calibrate, head_targets, load_heads, parse_cli, save_heads, self_distill,
                    train_config, train_heads)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,3 +120,19 @@ def test_torchrun_ddp_on_two_cpu_processes(tmp_path):
     loaded, _ = load_gguf(str(tmp_path / "tiny.gguf"))
     heads, ckpt = load_heads(str(out / "cerberus.pt"), loaded)
     assert heads.n_heads == 2 and "threshold" in ckpt["gate"]
+
+
+def test_calibration_gates_off_the_hard_positions():
+    """Where drafts are right only at low entropy and a tree step costs 1.5 AR steps, the calibrated
+    gate must go parallel below some threshold and stay AR above it — and beat both extremes."""
+    torch.manual_seed(0)
+    n = 4000
+    gate_entropy = torch.rand(n) * 4  # nats
+    easy = gate_entropy < 1.0  # heads 1 and 2 right (rank 0) exactly at the easy positions
+    ranks = torch.where(easy[:, None], 0, 200).repeat(1, 2).to(torch.uint8)
+    costs = {1: 1.0, 2: 1.4, 3: 1.5, 4: 1.6}
+    gate = calibrate(ranks, gate_entropy, costs, drafting={1: 0.05, 2: 0.1})
+    assert 0.5 < gate["threshold"] < 2.0 and gate["tree"] == [[0], [0, 0]]
+    assert gate["est_speedup"] > 1.2  # gated: 1.30x; always AR: 1.00x; always parallel: 1.5 / 1.6 = 0.94x
+    curve = gate["entropy_curve"]
+    assert curve[0]["accepted"] == 2.0 and curve[-1]["accepted"] == 0.0
