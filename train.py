@@ -348,7 +348,8 @@ def entropy_curve(gate_entropy, accepted, n_bins=8):
     edges = torch.quantile(gate_entropy, torch.linspace(0, 1, n_bins + 1)).tolist()
     bins = torch.bucketize(gate_entropy, torch.tensor(edges[1:-1]))
     return [{"entropy": (round(edges[b], 3), round(edges[b + 1], 3)),
-             "accepted": round(float(accepted[bins == b].float().mean()), 3)} for b in range(n_bins)]
+             "accepted": round(float(accepted[bins == b].float().mean()), 3)}
+            for b in range(n_bins) if (bins == b).any()]  # tiny held-out sets leave some bins empty
 
 
 def print_entropy_curve(curve, threshold):
