@@ -1,6 +1,7 @@
 """load_gguf against files we write ourselves with gguf.GGUFWriter: a tiny random model survives the
 round trip bit for bit, and files we cannot read are refused with a clear ValueError."""
 import gguf
+import numpy as np
 import pytest
 import torch
 
