@@ -2,6 +2,7 @@
 a wrong rotary layout, a dequantisation slip or a tokenizer mismatch all leave the model runnable
 but turn its predictions into noise, which only real text reveals."""
 import math
+import os
 
 import pytest
 import torch
@@ -10,6 +11,9 @@ import torch.nn.functional as F
 from cerberus import CerberusHeads, MedusaHeads, Tree, generate
 from conftest import perturb
 from model import KVCache, chat_prompt
+from train import load_heads
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PARAGRAPH = (
     "The old lighthouse stood at the edge of the cliff for more than a hundred years. Every night, "
@@ -68,3 +72,18 @@ def test_random_heads_on_the_real_model_still_give_greedy_ar(smollm, kind):
         for tree in (Tree.preset("chain2"), Tree.preset("sparse16")):
             ids, _ = generate(model, prompt, 24, heads=heads, tree=tree, eos_id=2)
             assert ids == reference
+
+
+def test_shipped_heads_load_for_the_packaged_backbone(smollm):
+    """Guards the README's first command: the committed heads load against the packaged SmolLM2
+    (same fingerprint), carry a usable gate, and decode losslessly."""
+    model, tok = smollm
+    prompt = chat_prompt(tok, "Name three primary colours.")
+    reference, _ = generate(model, prompt, 16, eos_id=2)
+    for name in ("cerberus", "medusa"):
+        heads, ckpt = load_heads(os.path.join(ROOT, "heads", f"{name}.pt"), model)
+        assert heads.spec["kind"] == name and heads.n_heads == 4
+        tree = Tree(ckpt["gate"]["tree"])
+        assert tree.max_depth <= heads.n_heads and ckpt["gate"]["threshold"] >= 0
+        ids, _ = generate(model, prompt, 16, heads=heads, tree=tree, gate_threshold=ckpt["gate"]["threshold"], eos_id=2)
+        assert ids == reference
