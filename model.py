@@ -213,9 +213,9 @@ class GPT(nn.Module):
                 raise ValueError(f"{start + T} tokens exceed the context of {self.config.block_size}; "
                                  f"use a shorter sequence")
             return torch.arange(start, start + T, device=self.embed.weight.device)
-        if int(pos.min()) < 0 or int(pos.max()) >= self.config.block_size:  # two host syncs: fine in eager
-            raise ValueError(f"positions must lie in [0, {self.config.block_size}); got "
-                             f"[{int(pos.min())}, {int(pos.max())}]")
+        lo, hi = torch.stack(torch.aminmax(pos)).tolist()  # one host sync
+        if lo < 0 or hi >= self.config.block_size:
+            raise ValueError(f"positions must lie in [0, {self.config.block_size}); got [{lo}, {hi}]")
         return pos
 
     def fingerprint(self):
