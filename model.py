@@ -198,7 +198,11 @@ class GPT(nn.Module):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             x = block(x, cos, sin, kv, start, mask)
         hidden = self.norm(x)
-        return self.lm_head(hidden), hidden
+        # logits = hidden @ W.T, computed as (W @ hidden.T).T: the same product, but on a CPU MKL's float32
+        # GEMM runs it 2-6x faster for the 2-12 rows of a tree step (the 49152 x 576 lm_head: 15 ms -> 2.3 ms
+        # at 2 rows); one row, long prefills and GPUs are unaffected.
+        logits = (self.lm_head.weight @ hidden.reshape(B * T, -1).mT).mT.reshape(B, T, -1)
+        return logits, hidden
 
     def positions(self, T, cache, pos):
         """The rotary positions of T new tokens (default: right after the cache), checked to fit."""

@@ -1,7 +1,7 @@
 """Train Medusa and Cerberus heads on a frozen backbone by self-distillation, and calibrate the gate.
 
     python train.py                      # the quick recipe (2-core CPU: 7 min)
-    python train.py --recipe=full        # the recipe of the shipped heads (2-core CPU: 45 min)
+    python train.py --recipe=full        # the recipe of the shipped heads (2-core CPU: ~55 min)
     torchrun --nproc_per_node=2 train.py --recipe=full     # DDP: NCCL on GPUs, gloo on CPUs
 
 Steps: (1) the backbone answers the project's training prompts greedily, batched; the hidden state
