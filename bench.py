@@ -26,7 +26,7 @@ from tqdm import tqdm
 from cerberus import Tree, generate
 from model import KVCache, chat_prompt, load_smollm2
 from train import (accuracy, calibrate, draft_costs, head_targets, load_heads, parse_cli, print_entropy_curve,
-                   step_costs, target_ranks)
+                   step_costs, target_ranks, timed)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ARMS = ("ar", "medusa", "cerberus", "cerberus_nogate")
@@ -129,20 +129,9 @@ def arm_kwargs(arm, cfg, head_sets, eos_id, draft_weight):
 
 
 # ----------------------------------------------------------------------------------------------
-# Measuring. One clock for everything; on GPU the queue is drained before each reading.
+# Measuring, with train.timed: one clock for everything; on GPU the queue is drained around it.
 
 Generation = namedtuple("Generation", "ids stats seconds")
-
-
-def timed(fn):
-    """(fn(), wall seconds)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t0
 
 
 def prefill_seconds(model, ids, max_new_tokens):

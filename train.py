@@ -273,19 +273,21 @@ def accepted_lengths(ranks, tree):
 # ----------------------------------------------------------------------------------------------
 # Gate calibration: which tree and which entropy threshold pay on this device.
 
-def best_seconds(fn, device, repeats=7):
-    """Fastest wall time of fn() over repeats, after one warm-up call, synchronising the GPU around
-    the clock. The minimum, not the mean: on a shared machine the noise only ever adds time."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+def timed(fn):
+    """(fn(), wall seconds), draining the GPU queue around the clock: the project's one clock."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - t0
+
+
+def best_seconds(fn, repeats=7):
+    """Fastest wall time of fn() over repeats, after one warm-up call. The minimum, not the mean:
+    on a shared machine the noise only ever adds time."""
     fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(timed(fn)[1] for _ in range(repeats))
 
 
 @torch.no_grad()
@@ -295,7 +297,7 @@ def step_costs(model, sizes, n_cached=256):
     cache = KVCache(model.config, n_cached + max(sizes), device=device, dtype=model.embed.weight.dtype)
     model(torch.randint(0, V, (1, n_cached), device=device), cache)
     cache.length = n_cached
-    return {T: best_seconds(lambda: model(torch.randint(0, V, (1, T), device=device), cache), device)
+    return {T: best_seconds(lambda: model(torch.randint(0, V, (1, T), device=device), cache))
             for T in sizes}
 
 
@@ -303,7 +305,7 @@ def step_costs(model, sizes, n_cached=256):
 def draft_costs(heads, lm_weight):
     """{d: seconds} to draft with the first d heads at one position (heads, lm_head, top-k)."""
     hidden = torch.randn(heads.n_embd, device=lm_weight.device)
-    return {d: best_seconds(lambda: head_logits(heads, lm_weight, hidden, d).topk(10, dim=-1), lm_weight.device)
+    return {d: best_seconds(lambda: head_logits(heads, lm_weight, hidden, d).topk(10, dim=-1))
             for d in range(1, heads.n_heads + 1)}
 
 
