@@ -16,7 +16,6 @@ import math
 import os
 import platform
 import sys
-import time
 from collections import Counter, namedtuple
 from dataclasses import dataclass
 
