@@ -103,14 +103,19 @@ def parse_tree(spec, gate):
 def recalibrate(head_sets, costs, draft_weight):
     """Re-choose each head set's tree and gate threshold for the step costs measured here, from the
     held-out entropies and target ranks stored in its checkpoint (train.calibrate): a tree that
-    pays on one device may lose on another. Head sets without that data keep their stored gate."""
+    pays on one device may lose on another. Returns new head sets (the checkpoints given are left
+    as they were); head sets without that data keep their stored gate."""
+    out = {}
     for name, (heads, ckpt) in head_sets.items():
         if "calibration" in ckpt:
             data = ckpt["calibration"]
-            ckpt["gate"] = calibrate(data["ranks"], data["entropy"].float(), costs, draft_costs(heads, draft_weight))
-            print(f"  {name} re-calibrated here: tree of {len(ckpt['gate']['tree']) + 1} nodes, threshold "
-                  f"{ckpt['gate']['threshold']:.3f} nats, est. speedup {ckpt['gate']['est_speedup']:.2f}x")
-            print_entropy_curve(ckpt["gate"]["entropy_curve"], ckpt["gate"]["threshold"])
+            gate = calibrate(data["ranks"], data["entropy"].float(), costs, draft_costs(heads, draft_weight))
+            ckpt = {**ckpt, "gate": gate}
+            print(f"  {name} re-calibrated here: tree of {len(gate['tree']) + 1} nodes, threshold "
+                  f"{gate['threshold']:.3f} nats, est. speedup {gate['est_speedup']:.2f}x")
+            print_entropy_curve(gate["entropy_curve"], gate["threshold"])
+        out[name] = (heads, ckpt)
+    return out
 
 
 def arm_kwargs(arm, cfg, head_sets, eos_id, draft_weight):
@@ -313,7 +318,7 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
     costs = step_costs(model, STEP_SIZES)
     print_step_costs(costs, head_sets)
     if cfg.calibrate:
-        recalibrate(head_sets, costs, draft_weight)
+        head_sets = recalibrate(head_sets, costs, draft_weight)
     settings = {arm: arm_kwargs(arm, cfg, head_sets, eos_id, draft_weight) for arm in arms}
     warm = warm_up(model, prompts[0]["ids"], settings)
     print(f"warm-up, untimed{' (includes torch.compile)' if cfg.compile else ''}: "

@@ -365,7 +365,9 @@ def gguf_tokenizer(reader):
 
 
 def chat_prompt(tokenizer, user, system="You are a helpful AI assistant named SmolLM, trained by Hugging Face"):
-    """Token ids of a ChatML prompt ending where the assistant starts to answer."""
-    text = (f"<|im_start|>system\n{system}<|im_end|>\n"
-            f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+    """Token ids of a ChatML prompt ending where the assistant starts to answer; with user=None,
+    ending where the user's turn starts (to let the model write a request itself)."""
+    text = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
+    if user is not None:
+        text += f"{user}<|im_end|>\n<|im_start|>assistant\n"
     return tokenizer.encode(text, allowed_special="all")

@@ -40,7 +40,9 @@ class TrainConfig:
     out_dir: str = "runs/quick"  # data cache, checkpoints and metrics go here
     heads: str = "cerberus,medusa,medusa3"  # head sets to train; medusa3 = Medusa with 3 blocks (size-matched)
     n_heads: int = 4
-    n_prompts: int = 400  # training prompts, answered greedily by the backbone
+    n_prompts: int = 400  # template prompts (data/train_prompts.json), answered greedily by the backbone
+    n_self_instruct: int = 0  # requests the instruct model writes itself, answered greedily too
+    prompt_temperature: float = 0.8  # sampling temperature of those self-written requests
     max_answer_tokens: int = 160
     gen_batch_size: int = 32  # batched generation runs ~9x faster per token than batch 1 on a CPU
     gen_dtype: str = "bfloat16"  # backbone dtype while generating data (targets need no float32)
@@ -56,7 +58,7 @@ class TrainConfig:
 
 RECIPES = {
     "quick": dict(n_prompts=400, max_answer_tokens=160, out_dir="runs/quick"),
-    "full": dict(n_prompts=2600, max_answer_tokens=200, out_dir="runs/full"),
+    "full": dict(n_prompts=2600, n_self_instruct=3000, max_answer_tokens=200, out_dir="runs/full"),
 }
 
 
@@ -104,14 +106,19 @@ def benchmark_prompts():
     return texts
 
 
+def without_benchmark_prompts(prompts):
+    """The prompts that neither contain nor are contained in any benchmark prompt (normalised)."""
+    banned = [normalise(t) for t in benchmark_prompts()]
+    return [p for p in prompts if not any(b in normalise(p) or normalise(p) in b for b in banned)]
+
+
 def training_prompts(n, seed=0):
     """n distinct prompts drawn from data/train_prompts.json, none overlapping a benchmark prompt."""
     with open(os.path.join(ROOT, "data", "train_prompts.json")) as f:
         spec = json.load(f)
     rendered = sorted({t.format(topic=topic) for cat, templates in spec["templates"].items()
                        for t in templates for topic in spec["topics"][cat]})
-    banned = [normalise(t) for t in benchmark_prompts()]
-    clean = [p for p in rendered if not any(b in normalise(p) or normalise(p) in b for b in banned)]
+    clean = without_benchmark_prompts(rendered)
     random.Random(seed).shuffle(clean)
     if n > len(clean):
         raise ValueError(f"asked for {n} training prompts but only {len(clean)} exist; lower n_prompts")
@@ -130,12 +137,14 @@ def head_targets(answer, n_heads):
 
 
 @torch.no_grad()
-def batched_greedy(model, prompts, max_new_tokens, eos_id):
-    """Greedy answers to a batch of prompts (lists of ids), left-padded.
+def batched_generate(model, prompts, max_new_tokens, eos_id, temperature=0.0, generator=None):
+    """Answers to a batch of prompts (lists of ids), left-padded: greedy, or sampled at `temperature`.
 
-    Returns answers (B, A), the hidden state that predicted each answer token (B, A, C), and each
-    answer's length (up to and including EOS). Rotary positions are relative, so the left padding
-    only needs masking; pad rows attend to themselves so that no row is fully masked.
+    Returns answers (B, A) (tokens past a row's length mean nothing), the hidden state that predicted each answer
+    token (B, A, C), and each answer's length (up to and including EOS). Rotary positions are
+    relative, so the left padding only needs masking; pad rows attend to themselves so that no row is
+    fully masked. Finished rows leave the batch (their cache rows too) once a quarter of it is done:
+    a batch costs about its number of rows per step, so idle rows would waste up to half the time.
     """
     device, B, P = model.embed.weight.device, len(prompts), max(map(len, prompts))
     S = P + max_new_tokens
@@ -150,28 +159,37 @@ def batched_greedy(model, prompts, max_new_tokens, eos_id):
     allowed = torch.ones(S, S, dtype=torch.bool, device=device).tril()  # causal
     self_only = torch.eye(S, dtype=torch.bool, device=device)
 
-    def mask(start, T):  # (B, 1, T, start + T)
-        rows = slice(start, start + T)
-        return (allowed[rows, :start + T] & (real[:, None, :start + T] | self_only[rows, :start + T]))[:, None]
+    def mask(real, start, T):  # (rows, 1, T, start + T)
+        cols = slice(0, start + T)
+        return (allowed[start:start + T, cols] & (real[:, None, cols] | self_only[start:start + T, cols]))[:, None]
 
+    answers = torch.full((B, max_new_tokens), eos_id, dtype=torch.long, device=device)
+    states = torch.zeros(B, max_new_tokens, model.config.n_embd, dtype=model.embed.weight.dtype, device=device)
+    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
+    rows = torch.arange(B, device=device)  # original index of each row still in the batch
+    finished = torch.zeros(B, dtype=torch.bool, device=device)  # per row still in the batch
     cache = KVCache(model.config, S, batch_size=B, device=device, dtype=model.embed.weight.dtype)
-    logits, hidden = model(idx, cache, mask=mask(0, P))
+    logits, hidden = model(idx, cache, mask=mask(real, 0, P))
     cache.length = P
-    answers, states = [], []
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        token, state = logits[:, -1].argmax(-1), hidden[:, -1]
-        answers.append(token)
-        states.append(state)
-        done |= token == eos_id
-        if bool(done.all()):
+    for i in range(max_new_tokens):
+        last = logits[:, -1].float()
+        if temperature > 0:
+            token = torch.multinomial(torch.softmax(last / temperature, -1), 1, generator=generator)[:, 0]
+        else:
+            token = last.argmax(-1)
+        answers[rows, i], states[rows, i] = token, hidden[:, -1]
+        newly = (token == eos_id) & ~finished
+        lengths[rows[newly]] = i + 1
+        finished |= newly
+        if i + 1 == max_new_tokens or bool(finished.all()):
             break
-        logits, hidden = model(token[:, None], cache, mask=mask(cache.length, 1))
+        if int(finished.sum()) * 4 >= len(rows):  # drop finished rows from the batch and the cache
+            alive = ~finished
+            rows, token, real, finished = rows[alive], token[alive], real[alive], finished[alive]
+            cache.k, cache.v = cache.k[:, alive], cache.v[:, alive]
+        logits, hidden = model(token[:, None], cache, mask=mask(real, cache.length, 1))
         cache.length += 1
-    answers, states = torch.stack(answers, 1), torch.stack(states, 1)
-    is_eos = answers == eos_id
-    lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, answers.shape[1])
-    return answers, states, lengths
+    return answers[:, :int(lengths.max())], states[:, :int(lengths.max())], lengths
 
 
 def self_distill(model, tokenizer, prompts, cfg, desc="self-distillation"):
@@ -182,12 +200,39 @@ def self_distill(model, tokenizer, prompts, cfg, desc="self-distillation"):
     batches = [encoded[i:i + cfg.gen_batch_size] for i in range(0, len(encoded), cfg.gen_batch_size)]
     bar = tqdm(batches, desc=desc, unit="batch", disable=rank() > 0)
     for batch in bar:
-        answers, states, lengths = batched_greedy(model, batch, cfg.max_answer_tokens, eos_id)
+        answers, states, lengths = batched_generate(model, batch, cfg.max_answer_tokens, eos_id)
         for answer, state, n in zip(answers, states, lengths.tolist()):
             hidden.append(state[:n].to(torch.bfloat16).cpu())
             targets.append(head_targets(answer[:n].cpu(), cfg.n_heads))
         bar.set_postfix(positions=sum(len(t) for t in targets))
     return {"hidden": torch.cat(hidden), "targets": torch.cat(targets)}
+
+
+def self_instruct_prompts(model, tokenizer, n, cfg, seed):
+    """n requests written by the instruct model itself, sampled from the bare chat template (system
+    turn, then `<|im_start|>user`). They carry the model's fine-tuning mix (plans, emails, code, maths,
+    advice, rewrites, ...), the kinds of request that templates x topics miss. Kept: requests that
+    end within 96 tokens, have 3+ words, are distinct and overlap no benchmark prompt."""
+    eos_id = tokenizer.encode("<|im_end|>", allowed_special="all")[0]
+    start = chat_prompt(tokenizer, None)
+    generator = torch.Generator(model.embed.weight.device).manual_seed(seed)
+    kept, tries = {}, 0
+    bar = tqdm(total=n, desc="self-written requests", unit="prompt", disable=rank() > 0)
+    while len(kept) < n:
+        tries += 1
+        if tries > 10 + 4 * n / cfg.gen_batch_size:
+            raise ValueError(f"the model wrote only {len(kept)} usable requests of {n} after {tries - 1} "
+                             f"batches; lower n_self_instruct or raise prompt_temperature")
+        answers, _, lengths = batched_generate(model, [start] * cfg.gen_batch_size, 96, eos_id,
+                                               cfg.prompt_temperature, generator)
+        texts = [tokenizer.decode(a[:n_tok - 1].tolist()).strip()
+                 for a, n_tok in zip(answers, lengths.tolist()) if a[n_tok - 1] == eos_id]
+        for text in without_benchmark_prompts([t for t in texts if len(t.split()) >= 3 and "<|" not in t]):
+            if len(kept) < n and text not in kept:
+                kept[text] = None
+                bar.update()
+    bar.close()
+    return list(kept)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,25 +471,41 @@ def head_set_spec(name, n_heads):
     raise ValueError(f"unknown head set {name!r}; use cerberus, medusa or medusaN")
 
 
-def get_data(model, tokenizer, cfg):
-    """Self-distilled train/held-out data, cached in out_dir (per rank under torchrun)."""
-    path = os.path.join(cfg.out_dir, f"data_rank{rank()}.pt")
-    key = {k: getattr(cfg, k) for k in ("n_prompts", "max_answer_tokens", "n_heads", "holdout", "seed", "gen_dtype")}
+def source_data(model, tokenizer, cfg, source):
+    """One prompt source's self-distilled (train, held_out, seconds), cached in
+    out_dir/{source}_rank{r}.pt; under torchrun every rank answers its own share of the prompts."""
+    path = os.path.join(cfg.out_dir, f"{source}_rank{rank()}.pt")
+    fields = {"templates": ("n_prompts",), "self_instruct": ("n_self_instruct", "prompt_temperature")}[source]
+    key = {k: getattr(cfg, k) for k in fields + ("max_answer_tokens", "n_heads", "holdout", "seed", "gen_dtype")}
     key["world_size"], key["backbone"] = world_size(), model.fingerprint()
     if os.path.exists(path):
         cached = torch.load(path, weights_only=True)
         if cached["key"] == key:
             return cached["train"], cached["held_out"], cached["seconds"]
-    prompts = training_prompts(cfg.n_prompts, cfg.seed)[rank()::world_size()]
-    n_held = max(1, int(len(prompts) * cfg.holdout))
     gen_model = copy.deepcopy(model).to(getattr(torch, cfg.gen_dtype))
     t0 = time.time()
-    held_out = self_distill(gen_model, tokenizer, prompts[:n_held], cfg, "held-out answers")
-    train = self_distill(gen_model, tokenizer, prompts[n_held:], cfg, "training answers")
+    if source == "templates":
+        prompts = training_prompts(cfg.n_prompts, cfg.seed)[rank()::world_size()]
+    else:
+        share = math.ceil(cfg.n_self_instruct / world_size())
+        prompts = self_instruct_prompts(gen_model, tokenizer, share, cfg, seed=cfg.seed * 1000 + rank())
+    n_held = max(1, int(len(prompts) * cfg.holdout))
+    held_out = self_distill(gen_model, tokenizer, prompts[:n_held], cfg, f"{source}: held-out answers")
+    train = self_distill(gen_model, tokenizer, prompts[n_held:], cfg, f"{source}: training answers")
     seconds = time.time() - t0
     write_atomically(path, lambda tmp: torch.save(
         {"key": key, "train": train, "held_out": held_out, "seconds": seconds}, tmp))
     return train, held_out, seconds
+
+
+def get_data(model, tokenizer, cfg):
+    """Self-distilled data of every prompt source: {source: (train, held_out, seconds)}."""
+    sources = {"templates": cfg.n_prompts, "self_instruct": cfg.n_self_instruct}
+    return {source: source_data(model, tokenizer, cfg, source) for source, n in sources.items() if n > 0}
+
+
+def concat(parts):
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def train(cfg):
@@ -454,10 +515,18 @@ def train(cfg):
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_gguf(cfg.gguf) if cfg.gguf else load_smollm2()
     model = model.to(device).requires_grad_(False)
-    train_data, held_out, gen_seconds = get_data(model, tokenizer, cfg)
+    data = get_data(model, tokenizer, cfg)
+    train_data, held_out = concat([d[0] for d in data.values()]), concat([d[1] for d in data.values()])
+    held_out_rows, start = {}, 0  # held-out rows of each source, to report accuracy per source
+    for source, (_, part, _) in data.items():
+        held_out_rows[source], start = slice(start, start + len(part["targets"])), start + len(part["targets"])
     lm_weight = model.lm_head.weight.to(getattr(torch, cfg.train_dtype))
     metrics = {"config": asdict(cfg), "device": str(device), "positions": len(train_data["targets"]),
-               "held_out_positions": len(held_out["targets"]), "data_seconds": round(gen_seconds, 1), "heads": {}}
+               "held_out_positions": len(held_out["targets"]),
+               "data_seconds": round(sum(d[2] for d in data.values()), 1),
+               "sources": {s: {"positions": len(d[0]["targets"]), "held_out_positions": len(d[1]["targets"]),
+                               "seconds": round(d[2], 1)} for s, d in data.items()},
+               "heads": {}}
 
     gate_entropy = torch.cat([entropy(F.linear(h.to(device, lm_weight.dtype), lm_weight)).cpu()
                               for h in held_out["hidden"].split(1024)])
@@ -472,6 +541,7 @@ def train(cfg):
         ranks = target_ranks(heads, lm_weight, held_out, cfg.n_heads)
         result = {"params": parameter_count(heads), "train_seconds": round(seconds, 1),
                   "held_out": accuracy(ranks),
+                  "held_out_by_source": {s: accuracy(ranks[rows]) for s, rows in held_out_rows.items()},
                   "gate": calibrate(ranks, gate_entropy, costs, draft_costs(heads, lm_weight))}
         metrics["heads"][name] = result
         calibration = {"entropy": gate_entropy.half(), "ranks": ranks}

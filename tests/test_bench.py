@@ -108,3 +108,18 @@ def test_missing_heads_file_is_a_value_error(tiny, tmp_path):
     model, tokenizer, _, prompts = tiny
     with pytest.raises(ValueError, match="no heads checkpoint"):
         bench.bench(BenchConfig(prompts=prompts, heads=str(tmp_path), max_new_tokens=4), model, tokenizer)
+
+
+def test_recalibration_uses_the_stored_held_out_data_and_leaves_the_checkpoint_alone(tiny):
+    """bench re-chooses tree and threshold for this device's step costs from the checkpoint's
+    held-out ranks and entropies; the caller's checkpoint dict keeps its own gate."""
+    model, _, head_sets, _ = tiny
+    heads, ckpt = head_sets["cerberus"]
+    torch.manual_seed(0)
+    ckpt = {**ckpt, "calibration": {"ranks": torch.randint(0, 3, (400, 3), dtype=torch.uint8),
+                                    "entropy": torch.rand(400).half() * 4}}
+    costs = {1: 0.010, 2: 0.011, 4: 0.012, 8: 0.014}  # parallel steps almost free: a tree pays
+    new = bench.recalibrate({"cerberus": (heads, ckpt)}, costs, model.lm_head.weight)
+    gate = new["cerberus"][1]["gate"]
+    assert ckpt["gate"]["threshold"] == 2.0 and gate is not ckpt["gate"]
+    assert gate["step_costs"] == {str(k): v for k, v in costs.items()} and len(gate["tree"]) + 1 in costs

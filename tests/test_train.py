@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from cerberus import CerberusHeads, MedusaHeads, Tree, generate
 from conftest import TINY, tiny_gpt, write_gguf
 from model import GPT, GPTConfig
-from train import (IGNORE, TrainConfig, calibrate, head_targets, load_heads, parse_cli, save_heads, self_distill,
-                   train_config, train_heads)
+from train import (IGNORE, TrainConfig, batched_generate, calibrate, head_targets, load_heads, parse_cli, save_heads,
+                   self_distill, train_config, train_heads)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,6 +21,23 @@ def test_head_k_learns_token_t_plus_1_plus_k():
     targets = head_targets(torch.arange(6), n_heads=3)
     assert targets.tolist() == [[0, 1, 2, 3], [1, 2, 3, 4], [2, 3, 4, 5], [3, 4, 5, IGNORE],
                                 [4, 5, IGNORE, IGNORE], [5, IGNORE, IGNORE, IGNORE]]
+
+
+def test_batched_generation_equals_greedy_per_prompt():
+    """Left-padded batches, with rows leaving the batch as they finish, answer exactly as `generate`
+    does one prompt at a time; the hidden states are the ones that predicted each token."""
+    model = tiny_gpt()
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, TINY.vocab_size, (n,)).tolist() for n in (3, 9, 5, 12, 1, 7, 4, 10)]
+    reference = [generate(model, p, 20)[0] for p in prompts]
+    eos_id = max(set(t for r in reference for t in r), key=lambda t: sum(r.count(t) for r in reference))
+    answers, states, lengths = batched_generate(model, prompts, 20, eos_id)
+    assert len(set(lengths.tolist())) > 2  # rows end at different steps, so some leave the batch early
+    for p, a, s, n in zip(prompts, answers, states, lengths.tolist()):
+        expected = generate(model, p, 20, eos_id=eos_id)[0]
+        assert a[:n].tolist() == expected
+        _, hidden = model(torch.tensor([p + expected[:-1]]))
+        torch.testing.assert_close(s[:n], hidden[0, len(p) - 1:], atol=1e-4, rtol=1e-4)
 
 
 def counting_backbone():
@@ -115,7 +132,7 @@ def test_torchrun_ddp_on_two_cpu_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(os.listdir(out)) == ["cerberus.pt", "data_rank0.pt", "data_rank1.pt", "metrics.json"]
+    assert sorted(os.listdir(out)) == ["cerberus.pt", "metrics.json", "templates_rank0.pt", "templates_rank1.pt"]
     from model import load_gguf
     loaded, _ = load_gguf(str(tmp_path / "tiny.gguf"))
     heads, ckpt = load_heads(str(out / "cerberus.pt"), loaded)
