@@ -1,12 +1,13 @@
 """Train Medusa and Cerberus heads on a frozen backbone by self-distillation, and calibrate the gate.
 
     python train.py                      # the quick recipe (2-core CPU: 7 min)
-    python train.py --recipe=full        # the recipe of the shipped heads (2-core CPU: ~55 min)
+    python train.py --recipe=full        # the recipe of the shipped heads (2-core CPU: ~2 h)
     torchrun --nproc_per_node=2 train.py --recipe=full     # DDP: NCCL on GPUs, gloo on CPUs
 
-Steps: (1) the backbone answers the project's training prompts greedily, batched; the hidden state
-that predicts each answer token is captured on the way, so head k at answer position i learns
-token i + k (the backbone's own greedy continuation). (2) Each head set trains on the same data,
+Steps: (1) the backbone answers training prompts greedily, batched (the project's templates and,
+in the full recipe, requests the model writes itself); the hidden state that predicts each answer
+token is captured on the way, so head k at answer position i learns token i + k (the backbone's own
+greedy continuation). (2) Each head set trains on the same data,
 steps and learning rate. (3) Held-out prompts give per-head top-1/top-5 accuracy, the tree that
 fits this device's step costs, and the entropy threshold of the gate. (4) Checkpoints, written
 atomically, carry the head spec, the gate and a fingerprint of the backbone.
