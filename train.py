@@ -141,10 +141,10 @@ def head_targets(answer, n_heads):
 def batched_generate(model, prompts, max_new_tokens, eos_id, temperature=0.0, generator=None):
     """Answers to a batch of prompts (lists of ids), left-padded: greedy, or sampled at `temperature`.
 
-    Returns answers (B, A) (tokens past a row's length mean nothing), the hidden state that predicted each answer
-    token (B, A, C), and each answer's length (up to and including EOS). Rotary positions are
-    relative, so the left padding only needs masking; pad rows attend to themselves so that no row is
-    fully masked. Finished rows leave the batch (their cache rows too) once a quarter of it is done:
+    Returns answers (B, A) (tokens past a row's length mean nothing), the hidden state that
+    predicted each answer token (B, A, C), and each answer's length (up to and including EOS). Rotary
+    positions are relative, so the left padding only needs masking; pad rows attend to themselves so
+    that no row is fully masked. Finished rows leave the batch (their cache rows too) once a quarter of it is done:
     a batch costs about its number of rows per step, so idle rows would waste up to half the time.
     """
     device, B, P = model.embed.weight.device, len(prompts), max(map(len, prompts))
@@ -180,11 +180,12 @@ def batched_generate(model, prompts, max_new_tokens, eos_id, temperature=0.0, ge
             token = last.argmax(-1)
         answers[rows, i], states[rows, i] = token, hidden[:, -1]
         newly = (token == eos_id) & ~finished
-        lengths[rows[newly]] = i + 1
+        lengths[rows] = torch.where(newly, i + 1, lengths[rows])
         finished |= newly
-        if i + 1 == max_new_tokens or bool(finished.all()):
+        n_finished = int(finished.sum())  # the step's one host sync
+        if i + 1 == max_new_tokens or n_finished == len(rows):
             break
-        if int(finished.sum()) * 4 >= len(rows):  # drop finished rows from the batch and the cache
+        if n_finished * 4 >= len(rows):  # drop finished rows from the batch and the cache
             alive = ~finished
             rows, token, real, finished = rows[alive], token[alive], real[alive], finished[alive]
             cache.k, cache.v = cache.k[:, alive], cache.v[:, alive]
@@ -329,40 +330,37 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def best_seconds(fn, repeats=7):
-    """Fastest wall time of fn() over repeats, after one warm-up call. The minimum, not the mean:
-    on a shared machine the noise only ever adds time."""
-    fn()
-    return min(timed(fn)[1] for _ in range(repeats))
+def fastest(calls, rounds=7):
+    """{key: fastest wall seconds of calls[key]()}, after one warm-up call each. The calls take turns
+    within each round, so a slow spell of the machine spoils one round of every call rather than every
+    repeat of one (which once made T=1 look 60% dearer than T=4 and the calibration promise 2x). The
+    minimum, not the mean: on a shared machine the noise only ever adds time."""
+    for call in calls.values():
+        call()
+    best = {key: math.inf for key in calls}
+    for _ in range(rounds):
+        for key, call in calls.items():
+            best[key] = min(best[key], timed(call)[1])
+    return best
 
 
 @torch.no_grad()
-def step_costs(model, sizes, n_cached=256, rounds=7):
-    """{T: seconds} for one backbone forward of T new tokens on a cached prefix (lm_head included).
-
-    The sizes take turns within each round and the fastest of the rounds is kept: a slow spell of
-    the machine then spoils one round of every size, not every repeat of one size (which once made
-    T=1 look 60% dearer than T=4 and the calibration promise 2x)."""
+def step_costs(model, sizes, n_cached=256):
+    """{T: seconds} for one backbone forward of T new tokens on a cached prefix (lm_head included)."""
     device, V = model.embed.weight.device, model.config.vocab_size
     cache = KVCache(model.config, n_cached + max(sizes), device=device, dtype=model.embed.weight.dtype)
     model(torch.randint(0, V, (1, n_cached), device=device), cache)
     cache.length = n_cached
     tokens = {T: torch.randint(0, V, (1, T), device=device) for T in sizes}
-    for T in sizes:  # warm-up
-        model(tokens[T], cache)
-    best = {T: math.inf for T in sizes}
-    for _ in range(rounds):
-        for T in sizes:
-            best[T] = min(best[T], timed(lambda: model(tokens[T], cache))[1])
-    return best
+    return fastest({T: lambda T=T: model(tokens[T], cache) for T in sizes})
 
 
 @torch.no_grad()
 def draft_costs(heads, lm_weight):
     """{d: seconds} to draft with the first d heads at one position (heads, lm_head, top-k)."""
     hidden = torch.randn(heads.n_embd, device=lm_weight.device)
-    return {d: best_seconds(lambda: head_logits(heads, lm_weight, hidden, d).topk(10, dim=-1))
-            for d in range(1, heads.n_heads + 1)}
+    return fastest({d: lambda d=d: head_logits(heads, lm_weight, hidden, d).topk(10, dim=-1)
+                    for d in range(1, heads.n_heads + 1)})
 
 
 def calibrate(ranks, gate_entropy, costs, drafting):
@@ -482,17 +480,23 @@ def head_set_spec(name, n_heads):
     raise ValueError(f"unknown head set {name!r}; use cerberus, medusa or medusaN")
 
 
+SOURCES = {  # prompt source -> the config fields that define its data (the first is its prompt count)
+    "templates": ("n_prompts",),
+    "self_instruct": ("n_self_instruct", "prompt_temperature"),
+}
+
+
 def source_data(model, tokenizer, cfg, source):
-    """One prompt source's self-distilled (train, held_out, seconds), cached in
+    """One prompt source's self-distilled {"train", "held_out", "seconds"}, cached in
     out_dir/{source}_rank{r}.pt; under torchrun every rank answers its own share of the prompts."""
     path = os.path.join(cfg.out_dir, f"{source}_rank{rank()}.pt")
-    own = {"templates": ("n_prompts",), "self_instruct": ("n_self_instruct", "prompt_temperature")}[source]
-    key = {k: getattr(cfg, k) for k in own + ("max_answer_tokens", "n_heads", "holdout", "seed", "gen_dtype")}
+    key_fields = SOURCES[source] + ("max_answer_tokens", "n_heads", "holdout", "seed", "gen_dtype")
+    key = {k: getattr(cfg, k) for k in key_fields}
     key["world_size"], key["backbone"] = world_size(), model.fingerprint()
     if os.path.exists(path):
         cached = torch.load(path, weights_only=True)
         if cached["key"] == key:
-            return cached["train"], cached["held_out"], cached["seconds"]
+            return cached
     gen_model = copy.deepcopy(model).to(getattr(torch, cfg.gen_dtype))
     t0 = time.time()
     if source == "templates":
@@ -501,21 +505,22 @@ def source_data(model, tokenizer, cfg, source):
         share = math.ceil(cfg.n_self_instruct / world_size())
         prompts = self_instruct_prompts(gen_model, tokenizer, share, cfg, seed=cfg.seed * 1000 + rank())
     n_held = max(1, int(len(prompts) * cfg.holdout))
-    held_out = self_distill(gen_model, tokenizer, prompts[:n_held], cfg, f"{source}: held-out answers")
-    train = self_distill(gen_model, tokenizer, prompts[n_held:], cfg, f"{source}: training answers")
-    seconds = time.time() - t0
-    write_atomically(path, lambda tmp: torch.save(
-        {"key": key, "train": train, "held_out": held_out, "seconds": seconds}, tmp))
-    return train, held_out, seconds
+    data = {"key": key,
+            "held_out": self_distill(gen_model, tokenizer, prompts[:n_held], cfg, f"{source}: held-out answers"),
+            "train": self_distill(gen_model, tokenizer, prompts[n_held:], cfg, f"{source}: training answers")}
+    data["seconds"] = time.time() - t0
+    write_atomically(path, lambda tmp: torch.save(data, tmp))
+    return data
 
 
 def get_data(model, tokenizer, cfg):
-    """Self-distilled data of every prompt source: {source: (train, held_out, seconds)}."""
-    sources = {"templates": cfg.n_prompts, "self_instruct": cfg.n_self_instruct}
-    return {source: source_data(model, tokenizer, cfg, source) for source, n in sources.items() if n > 0}
+    """Self-distilled data of every prompt source with prompts: {source: source_data(...)}."""
+    return {source: source_data(model, tokenizer, cfg, source)
+            for source, key_fields in SOURCES.items() if getattr(cfg, key_fields[0]) > 0}
 
 
 def concat(parts):
+    """Positions of several data dicts ({"hidden", "targets"}) in one."""
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -527,14 +532,16 @@ def train(cfg):
     model, tokenizer = load_gguf(cfg.gguf) if cfg.gguf else load_smollm2()
     model = model.to(device).requires_grad_(False)
     data = get_data(model, tokenizer, cfg)
-    train_data, held_out = concat([d[0] for d in data.values()]), concat([d[1] for d in data.values()])
-    held_out_sizes = [len(d[1]["targets"]) for d in data.values()]  # to report accuracy per source
+    train_data = concat([d["train"] for d in data.values()])
+    held_out = concat([d["held_out"] for d in data.values()])
+    held_out_sizes = [len(d["held_out"]["targets"]) for d in data.values()]  # to report accuracy per source
     lm_weight = model.lm_head.weight.to(getattr(torch, cfg.train_dtype))
     metrics = {"config": asdict(cfg), "device": str(device), "positions": len(train_data["targets"]),
                "held_out_positions": len(held_out["targets"]),
-               "data_seconds": round(sum(d[2] for d in data.values()), 1),
-               "sources": {s: {"positions": len(d[0]["targets"]), "held_out_positions": len(d[1]["targets"]),
-                               "seconds": round(d[2], 1)} for s, d in data.items()},
+               "data_seconds": round(sum(d["seconds"] for d in data.values()), 1),
+               "sources": {s: {"positions": len(d["train"]["targets"]),
+                               "held_out_positions": len(d["held_out"]["targets"]),
+                               "seconds": round(d["seconds"], 1)} for s, d in data.items()},
                "heads": {}}
 
     gate_entropy = torch.cat([entropy(F.linear(h.to(device, lm_weight.dtype), lm_weight)).cpu()
