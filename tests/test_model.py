@@ -112,3 +112,16 @@ def test_blocks_share_no_parameters(model):
     """Guards against `[Block()] * n`, which would share one block n times."""
     ptrs = [p.data_ptr() for b in model.blocks for p in b.parameters()]
     assert len(ptrs) == len(set(ptrs))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 48), (1, 2, 48), (3, 5, 48), (48,)])
+def test_cpu_linear_equals_f_linear(shape):
+    """model.Linear's float32 CPU path (W @ x.T, one row doubled) is the same product as F.linear,
+    for any row count and for inputs that are not row-major (e.g. the output of another Linear)."""
+    from model import Linear
+    layer = Linear(48, 40, bias=False)
+    x = torch.randn(*shape)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
+    transposed = torch.randn(48, 7).mT  # (7, 48), column-major
+    torch.testing.assert_close(layer(transposed), F.linear(transposed, layer.weight))
+    assert layer(x).shape == (*shape[:-1], 40)
