@@ -165,7 +165,9 @@ def summarise(gens, baseline, prefill):
     accepted = [n for s in stats for n in s.accept_lengths]  # one entry per parallel step
     decode_seconds = sum(g.seconds for g in gens) - sum(prefill)
     matches = sum(a == b for g, ref in zip(gens, baseline) for a, b in zip(g.ids, ref.ids))
-    return {"tok_s": new_tokens / max(decode_seconds, 1e-9),
+    # A prefill timed slower than the whole call (e.g. one that compiled) would make decode time <= 0:
+    # then there is no honest tok/s, and NaN says so rather than a huge number.
+    return {"tok_s": new_tokens / decode_seconds if decode_seconds > 0 else math.nan,
             "speedup": sum(g.seconds for g in baseline) / sum(g.seconds for g in gens),
             "tau": new_tokens / max(steps, 1),
             "match_rate": matches / max(sum(len(g.ids) for g in baseline), 1),
@@ -306,8 +308,8 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
         head_sets = {name: load_heads(os.path.join(head_dir, f"{name}.pt"), model) for name in sorted(needed)}
     head_sets = {name: (heads.to(device, draft_dtype), ckpt) for name, (heads, ckpt) in head_sets.items()}
     draft_weight = model.lm_head.weight.to(draft_dtype)  # cast once, not in every generate() call
-    if cfg.compile:
-        model.forward = torch.compile(model.forward)
+    if cfg.compile:  # dynamic: prompt, cache and tree sizes vary; a static compile would recompile per size
+        model.forward = torch.compile(model.forward, dynamic=True)
 
     conditions = {"device": device_name(device), "dtype": cfg.dtype, "compile": cfg.compile,
                   "tree": cfg.tree or "calibrated", "n_prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens}

@@ -47,25 +47,28 @@ class MedusaHeads(nn.Module):
 class CerberusHeads(nn.Module):
     """Heads with the sequential-knowledge link inside (DESIGN §1).
 
-    stage 1:  z_k = h + SiLU(W_k h)                      z_0 = h (head 1's "previous head" is the backbone)
+    stage 1:  z_k = h, then n_layers Medusa blocks z_k = z_k + SiLU(W_k z_k)   (our reading: one)
+              z_0 = h                                  head 1's "previous head" is the backbone
     stage 2:  s_k = z_k + SiLU(A_k [z_k ; z_{k-1}])      head k also sees what head k-1 computed
     Zero init makes every head start as h itself. All K heads are still one batched pass.
     """
 
-    def __init__(self, config, n_heads=4):
+    def __init__(self, config, n_heads=4, n_layers=1):
         super().__init__()
         C = config.n_embd
         self.n_heads, self.n_embd, self.vocab_size = n_heads, C, config.vocab_size
-        self.spec = dict(kind="cerberus", n_heads=n_heads)
-        self.w1 = nn.Parameter(torch.zeros(n_heads, C, C))
-        self.b1 = nn.Parameter(torch.zeros(n_heads, C))
+        self.spec = dict(kind="cerberus", n_heads=n_heads, n_layers=n_layers)
+        self.w1 = nn.Parameter(torch.zeros(n_layers, n_heads, C, C))
+        self.b1 = nn.Parameter(torch.zeros(n_layers, n_heads, C))
         self.w2 = nn.Parameter(torch.zeros(n_heads, C, 2 * C))
         self.b2 = nn.Parameter(torch.zeros(n_heads, C))
 
     def forward(self, hidden):
         """(..., C) -> (K, ..., C)."""
         h = hidden.reshape(1, -1, hidden.shape[-1])  # (1, M, C)
-        z = h + F.silu(h @ self.w1.mT + self.b1[:, None])  # (K, M, C): z_k = h + SiLU(W_k h)
+        z = h.expand(self.n_heads, -1, -1)  # (K, M, C)
+        for w, b in zip(self.w1, self.b1):
+            z = z + F.silu(z @ w.mT + b[:, None])  # per head: z_k + SiLU(W_k z_k + b_k)
         z_prev = torch.cat([h, z[:-1]])  # (K, M, C): z_{k-1}, with z_0 = h
         s = z + F.silu(torch.cat([z, z_prev], -1) @ self.w2.mT + self.b2[:, None])  # (K, M, C)
         return s.reshape(self.n_heads, *hidden.shape)

@@ -448,7 +448,10 @@ def load_heads(path, model):
         raise ValueError(f"heads in {path} were trained for another backbone (fingerprint "
                          f"{ckpt.get('backbone')} != {model.fingerprint()}); train heads for this model")
     heads = build_heads(model.config, ckpt["spec"])
-    heads.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
+    state = {k: v.float() for k, v in ckpt["state_dict"].items()}
+    if ckpt["spec"]["kind"] == "cerberus" and "n_layers" not in ckpt["spec"]:  # saved before stage 1 could
+        state["w1"], state["b1"] = state["w1"][None], state["b1"][None]  # be deeper: one block, unstacked
+    heads.load_state_dict(state)
     return heads.to(model.embed.weight.device), ckpt
 
 
@@ -472,12 +475,13 @@ def setup_distributed():
 
 
 def head_set_spec(name, n_heads):
-    """'cerberus' | 'medusa' | 'medusaN' (N residual blocks per head) -> head spec dict."""
-    if name == "cerberus":
-        return dict(kind="cerberus", n_heads=n_heads)
-    if name.startswith("medusa") and (name[6:] == "" or name[6:].isdigit()):
-        return dict(kind="medusa", n_heads=n_heads, n_layers=int(name[6:] or 1))
-    raise ValueError(f"unknown head set {name!r}; use cerberus, medusa or medusaN")
+    """'cerberus' | 'medusa', optionally followed by N, the residual blocks per head (stage 1 of a
+    Cerberus head): 'medusa3', 'cerberus2' -> head spec dict."""
+    for kind in ("cerberus", "medusa"):
+        depth = name.removeprefix(kind)
+        if name.startswith(kind) and (depth == "" or depth.isdigit()):
+            return dict(kind=kind, n_heads=n_heads, n_layers=int(depth or 1))
+    raise ValueError(f"unknown head set {name!r}; use cerberus, medusa, cerberusN or medusaN")
 
 
 SOURCES = {  # prompt source -> the config fields that define its data (the first is its prompt count)

@@ -21,11 +21,11 @@ TREES = {**{name: Tree.preset(name) for name in ["chain1", "chain4", "sparse8", 
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("kind", [MedusaHeads, CerberusHeads])
-def test_every_tree_gate_and_eos_reproduces_greedy_ar(seed, kind):
+@pytest.mark.parametrize("kind,n_layers", [(MedusaHeads, 1), (CerberusHeads, 1), (CerberusHeads, 2)])
+def test_every_tree_gate_and_eos_reproduces_greedy_ar(seed, kind, n_layers):
     """The central promise: verification never lets a wrong draft through, nor loses a token."""
     model = tiny_gpt(seed)
-    heads = perturb(kind(TINY, n_heads=4), seed)
+    heads = perturb(kind(TINY, n_heads=4, n_layers=n_layers), seed)
     reference, _ = generate(model, PROMPT, max_new_tokens=30)
     eos = reference[13]  # a token that does occur, to exercise cutting inside accepted chunks
     reference_eos = reference[:reference.index(eos) + 1]
@@ -129,7 +129,7 @@ def test_cerberus_head_k_reads_head_k_minus_1():
     heads = perturb(CerberusHeads(TINY, 4), 0)
     before = heads(h)
     with torch.no_grad():
-        heads.w1[0] += 0.5
+        heads.w1[0, 0] += 0.5  # (layer, head)
     after = heads(h)
     assert not torch.allclose(before[0], after[0]) and not torch.allclose(before[1], after[1])
     assert torch.equal(before[2], after[2]) and torch.equal(before[3], after[3])

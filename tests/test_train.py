@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from cerberus import CerberusHeads, MedusaHeads, Tree, generate
-from conftest import TINY, tiny_gpt, write_gguf
+from conftest import TINY, perturb, tiny_gpt, write_gguf
 from model import GPT, GPTConfig
-from train import (IGNORE, TrainConfig, batched_generate, calibrate, head_targets, load_heads, parse_cli, save_heads,
-                   self_distill, train_config, train_heads)
+from train import (IGNORE, TrainConfig, batched_generate, calibrate, head_set_spec, head_targets, load_heads,
+                   parse_cli, save_heads, self_distill, train_config, train_heads)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,6 +109,21 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
         load_heads(str(tmp_path / "missing.pt"), model)
 
 
+def test_checkpoint_from_before_deeper_cerberus_heads_loads(tmp_path):
+    """Cerberus checkpoints saved before stage 1 could have several blocks (spec without n_layers,
+    w1 of shape (K, C, C)) load into the same one-block heads, as the shipped heads once were."""
+    model, heads = tiny_gpt(), perturb(CerberusHeads(TINY, n_heads=3), 0)
+    path = str(tmp_path / "old.pt")
+    save_heads(path, heads, model, {})
+    old = torch.load(path, weights_only=True)
+    old["spec"].pop("n_layers")
+    old["state_dict"]["w1"], old["state_dict"]["b1"] = old["state_dict"]["w1"][0], old["state_dict"]["b1"][0]
+    torch.save(old, path)
+    loaded, _ = load_heads(path, model)
+    hidden = torch.randn(5, TINY.n_embd)
+    torch.testing.assert_close(loaded(hidden), heads.half().float()(hidden))
+
+
 def test_cli_overrides_and_recipes():
     cfg = train_config(parse_cli(TrainConfig, ["--recipe=full", "--lr=0.002", "--n-heads=3"]))
     assert (cfg.recipe, cfg.lr, cfg.n_heads, cfg.out_dir) == ("full", 0.002, 3, "runs/full")
@@ -116,6 +131,10 @@ def test_cli_overrides_and_recipes():
         parse_cli(TrainConfig, ["--learning_rate=1"])
     with pytest.raises(ValueError, match="unknown recipe"):
         train_config({"recipe": "huge"})
+    assert head_set_spec("cerberus2", 4) == dict(kind="cerberus", n_heads=4, n_layers=2)
+    assert head_set_spec("medusa", 4) == dict(kind="medusa", n_heads=4, n_layers=1)
+    with pytest.raises(ValueError, match="unknown head set"):
+        head_set_spec("hydra", 4)
 
 
 def test_torchrun_ddp_on_two_cpu_processes(tmp_path):
