@@ -138,8 +138,8 @@ class Attention(nn.Module):
             cache_k[:, :, start:start + T] = k
             cache_v[:, :, start:start + T] = v
             k, v = cache_k[:, :, :start + T], cache_v[:, :, :start + T]  # (B, G, S, D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=True)
+        causal = True if mask is None and T > 1 else False  # a branch, not bool(): compile with dynamic T
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

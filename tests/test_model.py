@@ -125,3 +125,25 @@ def test_cpu_linear_equals_f_linear(shape):
     transposed = torch.randn(48, 7).mT  # (7, 48), column-major
     torch.testing.assert_close(layer(transposed), F.linear(transposed, layer.weight))
     assert layer(x).shape == (*shape[:-1], 40)
+
+
+@torch.no_grad()
+def test_compiled_forward_with_dynamic_shapes_decodes_like_eager():
+    """What `bench.py --compile` does: torch.compile(forward, dynamic=True). Every block compiles
+    whole (fullgraph) for symbolic T, with and without a mask, and tree decoding over prompts of two
+    lengths gives eager greedy AR's tokens. (A SymBool passed as SDPA's is_causal once sent every
+    attention back to eager without a word.)"""
+    from cerberus import CerberusHeads, Tree
+    from conftest import perturb
+    model = tiny_gpt()
+    block = torch.compile(model.blocks[0], fullgraph=True, dynamic=True)
+    cos, sin = model.rope_cos[:5], model.rope_sin[:5]
+    for T, mask in [(5, None), (2, causal_mask(2, 0))]:
+        x = torch.randn(1, T, CONFIG.n_embd)
+        torch.testing.assert_close(block(x, cos[-T:], sin[-T:], None, 0, mask),
+                                   model.blocks[0](x, cos[-T:], sin[-T:], None, 0, mask))
+    heads = perturb(CerberusHeads(CONFIG, 4), 0)
+    prompts = [[1, 2, 3, 4, 5], [9, 8, 7, 6, 5, 4, 3]]
+    reference = [generate(model, p, 12)[0] for p in prompts]
+    model.forward = torch.compile(model.forward, dynamic=True)
+    assert [generate(model, p, 12, heads=heads, tree=Tree.preset("sparse8"))[0] for p in prompts] == reference
