@@ -39,7 +39,7 @@ class TrainConfig:
     recipe: str = "quick"  # "quick" or "full": sets the data size below unless given explicitly
     gguf: str = ""  # backbone: "" = the packaged SmolLM2-135M-Instruct, else a llama GGUF file
     out_dir: str = "runs/quick"  # data cache, checkpoints and metrics go here
-    heads: str = "cerberus,medusa,medusa3"  # head sets to train; medusa3 = Medusa with 3 blocks (size-matched)
+    heads: str = "cerberus,medusa,medusa3"  # head sets to train; a digit = blocks per head (medusa3: size-matched)
     n_heads: int = 4
     n_prompts: int = 400  # template prompts (data/train_prompts.json), answered greedily by the backbone
     n_self_instruct: int = 0  # requests the instruct model writes itself, answered greedily too

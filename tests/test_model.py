@@ -127,6 +127,7 @@ def test_cpu_linear_equals_f_linear(shape):
     assert layer(x).shape == (*shape[:-1], 40)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit internals that inductor imports
 @torch.no_grad()
 def test_compiled_forward_with_dynamic_shapes_decodes_like_eager():
     """What `bench.py --compile` does: torch.compile(forward, dynamic=True). Every block compiles
