@@ -16,13 +16,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import KVCache
+from model import KVCache, linear
 
 
 # ----------------------------------------------------------------------------------------------
 # Heads. Head k (k = 1..K) guesses the token k steps after the backbone's own next token, from the
 # backbone's last hidden state h. Both kinds run all K heads in one batched matmul over
 # stacked weights and share the backbone's lm_head, so they only add small C x C matrices.
+
+def residual_blocks(z, weight, bias):
+    """Each head's stack of Medusa blocks z_k <- z_k + SiLU(W_k z_k + b_k), all heads in one batched
+    matmul per layer: z (K, M, C), weight (L, K, C, C), bias (L, K, C) -> (K, M, C)."""
+    for w, b in zip(weight, bias):
+        z = z + F.silu(z @ w.mT + b[:, None])
+    return z
+
 
 class MedusaHeads(nn.Module):
     """K independent stacks of residual blocks x + SiLU(W x); zero init, so each starts as h itself."""
@@ -38,9 +46,7 @@ class MedusaHeads(nn.Module):
     def forward(self, hidden):
         """(..., C) -> (K, ..., C): one state per head, for the shared lm_head."""
         h = hidden.reshape(-1, hidden.shape[-1])  # (M, C)
-        z = h.expand(self.n_heads, *h.shape)  # (K, M, C)
-        for w, b in zip(self.weight, self.bias):
-            z = z + F.silu(z @ w.mT + b[:, None])  # per head: z_k + SiLU(W_k z_k + b_k)
+        z = residual_blocks(h.expand(self.n_heads, *h.shape), self.weight, self.bias)  # (K, M, C)
         return z.reshape(self.n_heads, *hidden.shape)
 
 
@@ -66,9 +72,7 @@ class CerberusHeads(nn.Module):
     def forward(self, hidden):
         """(..., C) -> (K, ..., C)."""
         h = hidden.reshape(1, -1, hidden.shape[-1])  # (1, M, C)
-        z = h.expand(self.n_heads, -1, -1)  # (K, M, C)
-        for w, b in zip(self.w1, self.b1):
-            z = z + F.silu(z @ w.mT + b[:, None])  # per head: z_k + SiLU(W_k z_k + b_k)
+        z = residual_blocks(h.expand(self.n_heads, -1, -1), self.w1, self.b1)  # (K, M, C): stage 1
         z_prev = torch.cat([h, z[:-1]])  # (K, M, C): z_{k-1}, with z_0 = h
         s = z + F.silu(torch.cat([z, z_prev], -1) @ self.w2.mT + self.b2[:, None])  # (K, M, C)
         return s.reshape(self.n_heads, *hidden.shape)
@@ -95,7 +99,7 @@ def head_logits(heads, lm_weight, hidden, n):
     change the output, only the speed.
     """
     states = heads(hidden.to(next(heads.parameters()).dtype))[:n]
-    return F.linear(states.to(lm_weight.dtype), lm_weight)
+    return linear(states.to(lm_weight.dtype), lm_weight)
 
 
 def entropy(logits):

@@ -97,8 +97,8 @@ def apply_rotary(x, cos, sin):
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
-class Linear(nn.Linear):
-    """nn.Linear computing x @ W.T as (W @ x.T).T on a CPU in float32: the same product, faster.
+def linear(x, weight):
+    """x @ weight.T, computed as (weight @ x.T).T on a CPU in float32: the same product, faster.
 
     For the 1-8 rows of a decode step MKL's float32 kernels behind F.linear run far below memory speed,
     while W @ x.T with x.T a transposed view of a row-major x reaches it. Measured on the project's
@@ -106,15 +106,23 @@ class Linear(nn.Linear):
     step 48 -> 23 ms. One row would still fall to the slow matrix-vector kernel, so it is duplicated to
     two. bfloat16 (oneDNN) and GPUs keep F.linear, the faster one there.
     """
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return F.linear(x, weight)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, in), row-major: its .mT is the fast operand
+    n = rows.shape[0]
+    if n == 1:
+        rows = torch.cat([rows, rows])  # (2, in): GEMM, not GEMV
+    return (weight @ rows.mT).mT[:n].reshape(*x.shape[:-1], -1)  # (..., out)
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias whose product is `linear` above (same weights, same state_dict)."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x):
-        if x.device.type != "cpu" or x.dtype != torch.float32 or self.bias is not None:
-            return F.linear(x, self.weight, self.bias)
-        rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, in), row-major: its .mT is the fast operand
-        n = rows.shape[0]
-        if n == 1:
-            rows = torch.cat([rows, rows])  # (2, in): GEMM, not GEMV
-        return (self.weight @ rows.mT).mT[:n].reshape(*x.shape[:-1], -1)  # (..., out)
+        return linear(x, self.weight)
 
 
 class Attention(nn.Module):
@@ -122,10 +130,10 @@ class Attention(nn.Module):
         super().__init__()
         C, D = config.n_embd, config.head_dim
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, D
-        self.q_proj = Linear(C, config.n_head * D, bias=False)
-        self.k_proj = Linear(C, config.n_kv_head * D, bias=False)
-        self.v_proj = Linear(C, config.n_kv_head * D, bias=False)
-        self.o_proj = Linear(config.n_head * D, C, bias=False)
+        self.q_proj = Linear(C, config.n_head * D)
+        self.k_proj = Linear(C, config.n_kv_head * D)
+        self.v_proj = Linear(C, config.n_kv_head * D)
+        self.o_proj = Linear(config.n_head * D, C)
 
     def forward(self, x, cos, sin, kv, start, mask):
         B, T, _ = x.shape
@@ -146,9 +154,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.gate_proj = Linear(config.n_embd, config.intermediate_size, bias=False)
-        self.up_proj = Linear(config.n_embd, config.intermediate_size, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.n_embd, bias=False)
+        self.gate_proj = Linear(config.n_embd, config.intermediate_size)
+        self.up_proj = Linear(config.n_embd, config.intermediate_size)
+        self.down_proj = Linear(config.intermediate_size, config.n_embd)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -184,7 +192,7 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])  # n distinct blocks
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         cos, sin = rotary_table(config)

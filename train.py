@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cerberus import Tree, build_heads, entropy, head_logits, parameter_count
-from model import KVCache, chat_prompt, load_gguf, load_smollm2
+from model import KVCache, chat_prompt, linear, load_gguf, load_smollm2
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 IGNORE = -100  # target index that cross_entropy skips (past the end of an answer)
@@ -548,7 +548,7 @@ def train(cfg):
                                "seconds": round(d["seconds"], 1)} for s, d in data.items()},
                "heads": {}}
 
-    gate_entropy = torch.cat([entropy(F.linear(h.to(device, lm_weight.dtype), lm_weight)).cpu()
+    gate_entropy = torch.cat([entropy(linear(h.to(device, lm_weight.dtype), lm_weight)).cpu()
                               for h in held_out["hidden"].split(1024)])
     costs = step_costs(model, [1, 2, 3, 4, 6, 8, 16, 32, 64]) if rank() == 0 else {}
     for name in cfg.heads.split(","):

@@ -119,7 +119,7 @@ def test_cpu_linear_equals_f_linear(shape):
     """model.Linear's float32 CPU path (W @ x.T, one row doubled) is the same product as F.linear,
     for any row count and for inputs that are not row-major (e.g. the output of another Linear)."""
     from model import Linear
-    layer = Linear(48, 40, bias=False)
+    layer = Linear(48, 40)
     x = torch.randn(*shape)
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
     transposed = torch.randn(48, 7).mT  # (7, 48), column-major

@@ -111,7 +111,7 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
 
 def test_checkpoint_from_before_deeper_cerberus_heads_loads(tmp_path):
     """Cerberus checkpoints saved before stage 1 could have several blocks (spec without n_layers,
-    w1 of shape (K, C, C)) load into the same one-block heads, as the shipped heads once were."""
+    w1 of shape (K, C, C)) load into the same one-block heads (the shipped heads are such a checkpoint)."""
     model, heads = tiny_gpt(), perturb(CerberusHeads(TINY, n_heads=3), 0)
     path = str(tmp_path / "old.pt")
     save_heads(path, heads, model, {})
