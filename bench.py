@@ -223,11 +223,13 @@ def print_step_costs(costs, head_sets):
     calibrated tree and threshold only pay if the step costs here resemble those at training time."""
     print("step cost of one forward of T tokens on a 256-token cache:")
     print("\n".join(f"  T={T:<3d} {1e3 * s:8.2f} ms  {s / costs[1]:5.2f}x T=1" for T, s in costs.items()))
-    for name, (_, ckpt) in head_sets.items():
+    for name, (heads, ckpt) in head_sets.items():
         gate, n = ckpt["gate"], len(ckpt["gate"]["tree"]) + 1
         there = {int(k): v for k, v in gate.get("step_costs", {}).items()}
         ratio = lambda c: f"{c[n] / c[1]:.2f}x" if n in c and 1 in c else "?"  # noqa: E731
-        print(f"  {name} checkpoint: tree of {n} nodes, threshold {gate['threshold']:.3f} nats (gate on "
+        spec = heads.spec
+        kind = f"{spec['kind']}, {spec['n_layers']} block(s)" + (", reads the root token" if spec["reads_root"] else "")
+        print(f"  {name} checkpoint ({kind}): tree of {n} nodes, threshold {gate['threshold']:.3f} nats (gate on "
               f"{gate.get('gate_on', 'backbone')}), est. speedup {gate.get('est_speedup', math.nan):.2f}x; "
               f"T={n} cost {ratio(there)} T=1 where it was calibrated, {ratio(costs)} here")
 

@@ -32,25 +32,45 @@ def residual_blocks(z, weight, bias):
     return z
 
 
-class MedusaHeads(nn.Module):
-    """K independent stacks of residual blocks x + SiLU(W x); zero init, so each starts as h itself."""
+class DraftHeads(nn.Module):
+    """What Medusa and Cerberus heads share: their sizes, their spec (stored in checkpoints), and the
+    input state of every head. With reads_root=True (a variant, not in either paper) that state also
+    reads the backbone's own next token, known before any head runs: h + SiLU(P [h ; e] + b), e being
+    that token's lm_head row. Zero init: it starts as h."""
 
-    def __init__(self, config, n_heads=4, n_layers=1):
+    def __init__(self, config, kind, n_heads, n_layers, reads_root):
         super().__init__()
         C = config.n_embd
         self.n_heads, self.n_embd, self.vocab_size = n_heads, C, config.vocab_size
-        self.spec = dict(kind="medusa", n_heads=n_heads, n_layers=n_layers)
+        self.spec = dict(kind=kind, n_heads=n_heads, n_layers=n_layers, reads_root=reads_root)
+        self.root_weight = nn.Parameter(torch.zeros(C, 2 * C)) if reads_root else None
+        self.root_bias = nn.Parameter(torch.zeros(C)) if reads_root else None
+
+    def input_state(self, hidden, root_vec):
+        """hidden, root_vec (..., C) -> (M, C), M positions."""
+        h = hidden.reshape(-1, self.n_embd)
+        if self.root_weight is None:
+            return h
+        return h + F.silu(torch.cat([h, root_vec.reshape(h.shape)], -1) @ self.root_weight.mT + self.root_bias)
+
+
+class MedusaHeads(DraftHeads):
+    """K independent stacks of residual blocks x + SiLU(W x); zero init, so each starts as h itself."""
+
+    def __init__(self, config, n_heads=4, n_layers=1, reads_root=False):
+        super().__init__(config, "medusa", n_heads, n_layers, reads_root)
+        C = config.n_embd
         self.weight = nn.Parameter(torch.zeros(n_layers, n_heads, C, C))
         self.bias = nn.Parameter(torch.zeros(n_layers, n_heads, C))
 
-    def forward(self, hidden):
-        """(..., C) -> (K, ..., C): one state per head, for the shared lm_head."""
-        h = hidden.reshape(-1, hidden.shape[-1])  # (M, C)
+    def forward(self, hidden, root_vec):
+        """hidden, root_vec (..., C) -> (K, ..., C): one state per head, for the shared lm_head."""
+        h = self.input_state(hidden, root_vec)  # (M, C)
         z = residual_blocks(h.expand(self.n_heads, *h.shape), self.weight, self.bias)  # (K, M, C)
         return z.reshape(self.n_heads, *hidden.shape)
 
 
-class CerberusHeads(nn.Module):
+class CerberusHeads(DraftHeads):
     """Heads with the sequential-knowledge link inside (DESIGN §1).
 
     stage 1:  z_k = h, then n_layers Medusa blocks z_k = z_k + SiLU(W_k z_k)   (our reading: one)
@@ -59,21 +79,19 @@ class CerberusHeads(nn.Module):
     Zero init makes every head start as h itself. All K heads are still one batched pass.
     """
 
-    def __init__(self, config, n_heads=4, n_layers=1):
-        super().__init__()
+    def __init__(self, config, n_heads=4, n_layers=1, reads_root=False):
+        super().__init__(config, "cerberus", n_heads, n_layers, reads_root)
         C = config.n_embd
-        self.n_heads, self.n_embd, self.vocab_size = n_heads, C, config.vocab_size
-        self.spec = dict(kind="cerberus", n_heads=n_heads, n_layers=n_layers)
         self.w1 = nn.Parameter(torch.zeros(n_layers, n_heads, C, C))
         self.b1 = nn.Parameter(torch.zeros(n_layers, n_heads, C))
         self.w2 = nn.Parameter(torch.zeros(n_heads, C, 2 * C))
         self.b2 = nn.Parameter(torch.zeros(n_heads, C))
 
-    def forward(self, hidden):
-        """(..., C) -> (K, ..., C)."""
-        h = hidden.reshape(1, -1, hidden.shape[-1])  # (1, M, C)
+    def forward(self, hidden, root_vec):
+        """hidden, root_vec (..., C) -> (K, ..., C)."""
+        h = self.input_state(hidden, root_vec)  # (M, C)
         z = residual_blocks(h.expand(self.n_heads, -1, -1), self.w1, self.b1)  # (K, M, C): stage 1
-        z_prev = torch.cat([h, z[:-1]])  # (K, M, C): z_{k-1}, with z_0 = h
+        z_prev = torch.cat([h[None], z[:-1]])  # (K, M, C): z_{k-1}, with z_0 = h
         s = z + F.silu(torch.cat([z, z_prev], -1) @ self.w2.mT + self.b2[:, None])  # (K, M, C)
         return s.reshape(self.n_heads, *hidden.shape)
 
@@ -92,13 +110,15 @@ def parameter_count(module):
     return sum(p.numel() for p in module.parameters())
 
 
-def head_logits(heads, lm_weight, hidden, n):
-    """Draft logits of the first n heads through the shared lm_head: (..., C) -> (n, ..., V).
+def head_logits(heads, lm_weight, hidden, root, n):
+    """Draft logits of the first n heads through the shared lm_head: hidden (..., C) -> (n, ..., V).
 
-    The heads and lm_weight may be in a cheaper dtype than the backbone (bfloat16, say): drafts never
-    change the output, only the speed.
+    root (...): the backbone's own next token at each position (a tree's root). Heads built with
+    reads_root=True read it as its lm_head row; the paper's heads ignore it. The heads and lm_weight
+    may be in a cheaper dtype than the backbone (bfloat16, say): drafts never change the output.
     """
-    states = heads(hidden.to(next(heads.parameters()).dtype))[:n]
+    dtype = next(heads.parameters()).dtype
+    states = heads(hidden.to(dtype), lm_weight[root].to(dtype))[:n]
     return linear(states.to(lm_weight.dtype), lm_weight)
 
 
@@ -291,14 +311,14 @@ def generate(model, prompt_ids, max_new_tokens, heads=None, tree=None, gate_thre
         drafts = gate = None
         use_heads = heads is not None and gate_threshold > 0  # threshold 0: always AR
         if use_heads and gate_on == "head1":
-            drafts = head_logits(heads, lm_weight, last_hidden, max(tree.max_depth, 1))
+            drafts = head_logits(heads, lm_weight, last_hidden, root[0], max(tree.max_depth, 1))
         if use_heads and gate_threshold < math.inf:  # threshold inf: always parallel, no entropy needed
             gate = float(entropy(next_logits if drafts is None else drafts[0]))
         parallel = use_heads and (gate is None or gate < gate_threshold)
 
         if parallel:  # propose -> verify -> keep
             if drafts is None:
-                drafts = head_logits(heads, lm_weight, last_hidden, tree.max_depth)
+                drafts = head_logits(heads, lm_weight, last_hidden, root[0], tree.max_depth)
             tokens = propose(drafts, root, tree)  # (N,)
             logits, hidden = model(tokens[None], cache, pos=cache.length + tree.depth, mask=tree.mask(cache.length))
             path = verify(tokens, logits[0].argmax(-1), tree)  # accepted nodes, root first

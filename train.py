@@ -1,7 +1,8 @@
 """Train Medusa and Cerberus heads on a frozen backbone by self-distillation, and calibrate the gate.
 
     python train.py                      # the quick recipe (2-core CPU: 7 min)
-    python train.py --recipe=full        # the recipe of the shipped heads (2-core CPU: ~2 h)
+    python train.py --recipe=full        # the papers' heads on the full data (2-core CPU: ~2 h)
+    python train.py --recipe=full --heads=cerberus+root,medusa+root   # the shipped heads (a variant)
     torchrun --nproc_per_node=2 train.py --recipe=full     # DDP: NCCL on GPUs, gloo on CPUs
 
 Steps: (1) the backbone answers training prompts greedily, batched (the project's templates and,
@@ -39,7 +40,7 @@ class TrainConfig:
     recipe: str = "quick"  # "quick" or "full": sets the data size below unless given explicitly
     gguf: str = ""  # backbone: "" = the packaged SmolLM2-135M-Instruct, else a llama GGUF file
     out_dir: str = "runs/quick"  # data cache, checkpoints and metrics go here
-    heads: str = "cerberus,medusa,medusa3"  # head sets to train; a digit = blocks per head (medusa3: size-matched)
+    heads: str = "cerberus,medusa,medusa3"  # a digit = blocks per head (medusa3: size-matched); +root = reads the root
     n_heads: int = 4
     n_prompts: int = 400  # template prompts (data/train_prompts.json), answered greedily by the backbone
     n_self_instruct: int = 0  # requests the instruct model writes itself, answered greedily too
@@ -266,7 +267,8 @@ def train_heads(heads, lm_weight, data, cfg, desc="heads"):
         for group in opt.param_groups:
             group["lr"] = lr
         rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-        logits = head_logits(model, lm_weight, data["hidden"][rows].float(), cfg.n_heads)  # (K, b, V)
+        root = data["targets"][rows, 0]  # (b,) the backbone's own next token, the tree's root at decode
+        logits = head_logits(model, lm_weight, data["hidden"][rows].float(), root, cfg.n_heads)  # (K, b, V)
         target = data["targets"][rows, 1:].T  # (K, b)
         losses = torch.stack([F.cross_entropy(logits[k], target[k], ignore_index=IGNORE)
                               for k in range(cfg.n_heads)])
@@ -285,8 +287,9 @@ def target_ranks(heads, lm_weight, data, n_heads, chunk=512):
     NO_TARGET where the answer has ended. Tree acceptance and top-k accuracy follow from these."""
     ranks = []
     for i in range(0, len(data["targets"]), chunk):
-        logits = head_logits(heads, lm_weight, data["hidden"][i:i + chunk].float(), n_heads).float()
-        target = data["targets"][i:i + chunk, 1:].T  # (K, b)
+        rows = slice(i, i + chunk)
+        logits = head_logits(heads, lm_weight, data["hidden"][rows].float(), data["targets"][rows, 0], n_heads).float()
+        target = data["targets"][rows, 1:].T  # (K, b)
         valid = target != IGNORE
         picked = logits.gather(-1, target.clamp(min=0)[..., None])  # (K, b, 1)
         rank = (logits > picked).sum(-1)
@@ -358,8 +361,8 @@ def step_costs(model, sizes, n_cached=256):
 @torch.no_grad()
 def draft_costs(heads, lm_weight):
     """{d: seconds} to draft with the first d heads at one position (heads, lm_head, top-k)."""
-    hidden = torch.randn(heads.n_embd, device=lm_weight.device)
-    return fastest({d: lambda d=d: head_logits(heads, lm_weight, hidden, d).topk(10, dim=-1)
+    hidden, root = torch.randn(heads.n_embd, device=lm_weight.device), torch.tensor(0, device=lm_weight.device)
+    return fastest({d: lambda d=d: head_logits(heads, lm_weight, hidden, root, d).topk(10, dim=-1)
                     for d in range(1, heads.n_heads + 1)})
 
 
@@ -476,12 +479,14 @@ def setup_distributed():
 
 def head_set_spec(name, n_heads):
     """'cerberus' | 'medusa', optionally followed by N, the residual blocks per head (stage 1 of a
-    Cerberus head): 'medusa3', 'cerberus2' -> head spec dict."""
+    Cerberus head), and by '+root' for the variant whose heads also read the backbone's own next
+    token: 'medusa3', 'cerberus2', 'cerberus+root' -> head spec dict."""
+    base = name.removesuffix("+root")
     for kind in ("cerberus", "medusa"):
-        depth = name.removeprefix(kind)
-        if name.startswith(kind) and (depth == "" or depth.isdigit()):
-            return dict(kind=kind, n_heads=n_heads, n_layers=int(depth or 1))
-    raise ValueError(f"unknown head set {name!r}; use cerberus, medusa, cerberusN or medusaN")
+        depth = base.removeprefix(kind)
+        if base.startswith(kind) and (depth == "" or depth.isdigit()):
+            return dict(kind=kind, n_heads=n_heads, n_layers=int(depth or 1), reads_root=name.endswith("+root"))
+    raise ValueError(f"unknown head set {name!r}; use cerberus, medusa, cerberusN or medusaN, each optionally +root")
 
 
 SOURCES = {  # prompt source -> the config fields that define its data (the first is its prompt count)

@@ -21,11 +21,12 @@ TREES = {**{name: Tree.preset(name) for name in ["chain1", "chain4", "sparse8", 
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("kind,n_layers", [(MedusaHeads, 1), (CerberusHeads, 1), (CerberusHeads, 2)])
-def test_every_tree_gate_and_eos_reproduces_greedy_ar(seed, kind, n_layers):
+@pytest.mark.parametrize("kind,spec", [(MedusaHeads, {}), (CerberusHeads, {}), (CerberusHeads, dict(n_layers=2)),
+                                       (CerberusHeads, dict(reads_root=True)), (MedusaHeads, dict(reads_root=True))])
+def test_every_tree_gate_and_eos_reproduces_greedy_ar(seed, kind, spec):
     """The central promise: verification never lets a wrong draft through, nor loses a token."""
     model = tiny_gpt(seed)
-    heads = perturb(kind(TINY, n_heads=4, n_layers=n_layers), seed)
+    heads = perturb(kind(TINY, n_heads=4, **spec), seed)
     reference, _ = generate(model, PROMPT, max_new_tokens=30)
     eos = reference[13]  # a token that does occur, to exercise cutting inside accepted chunks
     reference_eos = reference[:reference.index(eos) + 1]
@@ -112,11 +113,11 @@ def test_verify_picks_deepest_fully_correct_path():
 
 
 def test_heads_share_no_parameters_and_start_as_identity():
-    for heads in (MedusaHeads(TINY, 4, n_layers=2), CerberusHeads(TINY, 4)):
+    for heads in (MedusaHeads(TINY, 4, n_layers=2), CerberusHeads(TINY, 4), CerberusHeads(TINY, 4, reads_root=True)):
         ptrs = [p.data_ptr() for p in heads.parameters()]
         assert len(ptrs) == len(set(ptrs))
-        h = torch.randn(3, TINY.n_embd)
-        assert torch.equal(heads(h), h.expand(4, 3, TINY.n_embd))  # zero init: every head returns h
+        h, root_vec = torch.randn(3, TINY.n_embd), torch.randn(3, TINY.n_embd)
+        assert torch.equal(heads(h, root_vec), h.expand(4, 3, TINY.n_embd))  # zero init: every head returns h
     # Cerberus: 4 heads x (C*C + 2C*C) weights; a 3-block Medusa matches it (but for one bias per head)
     cerberus_size, medusa3_size = parameter_count(CerberusHeads(TINY, 4)), parameter_count(MedusaHeads(TINY, 4, 3))
     assert medusa3_size - cerberus_size == 4 * TINY.n_embd
@@ -125,19 +126,29 @@ def test_heads_share_no_parameters_and_start_as_identity():
 def test_cerberus_head_k_reads_head_k_minus_1():
     """The sequential link: changing head 1's stage-1 weights changes head 2's output, not head 3's
     through anything but head 2 — and Medusa heads stay independent."""
-    h = torch.randn(5, TINY.n_embd)
+    h, root_vec = torch.randn(5, TINY.n_embd), torch.randn(5, TINY.n_embd)
     heads = perturb(CerberusHeads(TINY, 4), 0)
-    before = heads(h)
+    before = heads(h, root_vec)
     with torch.no_grad():
         heads.w1[0, 0] += 0.5  # (layer, head)
-    after = heads(h)
+    after = heads(h, root_vec)
     assert not torch.allclose(before[0], after[0]) and not torch.allclose(before[1], after[1])
     assert torch.equal(before[2], after[2]) and torch.equal(before[3], after[3])
     medusa = perturb(MedusaHeads(TINY, 4), 0)
-    before = medusa(h)
+    before = medusa(h, root_vec)
     with torch.no_grad():
         medusa.weight[0, 0] += 0.5
-    assert torch.equal(before[1:], medusa(h)[1:])
+    assert torch.equal(before[1:], medusa(h, root_vec)[1:])
+
+
+def test_only_the_root_reading_variant_reads_the_root():
+    """The paper's heads ignore the root token; reads_root=True heads change with it, every head."""
+    h, root_vec, other = torch.randn(3, TINY.n_embd), torch.randn(3, TINY.n_embd), torch.randn(3, TINY.n_embd)
+    for kind in (MedusaHeads, CerberusHeads):
+        paper, variant = perturb(kind(TINY, 4), 0), perturb(kind(TINY, 4, reads_root=True), 0)
+        assert torch.equal(paper(h, root_vec), paper(h, other))
+        changed = (variant(h, root_vec) - variant(h, other)).abs().amax(dim=(1, 2))  # (K,)
+        assert (changed > 1e-3).all()
 
 
 def test_bad_input_is_a_value_error():

@@ -62,7 +62,8 @@ class ByteTokenizer:  # the two methods self_distill needs, for a model without 
         return [1] if text == "<|im_end|>" else list(text.encode())[:8]
 
 
-def test_brief_training_raises_accepted_length(monkeypatch):
+@pytest.mark.parametrize("reads_root", [False, True])
+def test_brief_training_raises_accepted_length(monkeypatch, reads_root):
     """Heads trained on a predictable backbone must be accepted: tau well above 1 — and the
     backbone stays bit-identical through training."""
     model = counting_backbone()
@@ -72,7 +73,10 @@ def test_brief_training_raises_accepted_length(monkeypatch):
                       gen_dtype="float32")
     prompts = [f"{a:c}{b:c}" for a, b in torch.randint(33, 126, (48, 2)).tolist()]
     data = self_distill(model, ByteTokenizer(), prompts, cfg)
-    heads = CerberusHeads(TINY, n_heads=3)
+    # Each row's root (column 0) is the backbone's own choice from that row's hidden state, as in
+    # generate(), where the heads read argmax(lm_head(last_hidden)): the variant trains on what it sees.
+    assert torch.equal(model.lm_head(data["hidden"].float()).argmax(-1), data["targets"][:, 0])
+    heads = CerberusHeads(TINY, n_heads=3, reads_root=reads_root)
     prompt, tree = [40, 41, 42], Tree.chain(3)
     _, untrained = generate(model, prompt, 30, heads=heads, tree=tree)
     train_heads(heads, model.lm_head.weight, data, TrainConfig(**{**vars(cfg), "epochs": 20}))
@@ -111,7 +115,8 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
 
 def test_checkpoint_from_before_deeper_cerberus_heads_loads(tmp_path):
     """Cerberus checkpoints saved before stage 1 could have several blocks (spec without n_layers,
-    w1 of shape (K, C, C)) load into the same one-block heads (the shipped heads are such a checkpoint)."""
+    w1 of shape (K, C, C)) load into the same one-block heads (the heads shipped until the root-reading
+    variant replaced them are such checkpoints, and so are runs/ of that time)."""
     model, heads = tiny_gpt(), perturb(CerberusHeads(TINY, n_heads=3), 0)
     path = str(tmp_path / "old.pt")
     save_heads(path, heads, model, {})
@@ -120,8 +125,8 @@ def test_checkpoint_from_before_deeper_cerberus_heads_loads(tmp_path):
     old["state_dict"]["w1"], old["state_dict"]["b1"] = old["state_dict"]["w1"][0], old["state_dict"]["b1"][0]
     torch.save(old, path)
     loaded, _ = load_heads(path, model)
-    hidden = torch.randn(5, TINY.n_embd)
-    torch.testing.assert_close(loaded(hidden), heads.half().float()(hidden))
+    hidden, root_vec = torch.randn(5, TINY.n_embd), torch.randn(5, TINY.n_embd)
+    torch.testing.assert_close(loaded(hidden, root_vec), heads.half().float()(hidden, root_vec))
 
 
 def test_cli_overrides_and_recipes():
@@ -131,8 +136,9 @@ def test_cli_overrides_and_recipes():
         parse_cli(TrainConfig, ["--learning_rate=1"])
     with pytest.raises(ValueError, match="unknown recipe"):
         train_config({"recipe": "huge"})
-    assert head_set_spec("cerberus2", 4) == dict(kind="cerberus", n_heads=4, n_layers=2)
-    assert head_set_spec("medusa", 4) == dict(kind="medusa", n_heads=4, n_layers=1)
+    assert head_set_spec("cerberus2", 4) == dict(kind="cerberus", n_heads=4, n_layers=2, reads_root=False)
+    assert head_set_spec("medusa", 4) == dict(kind="medusa", n_heads=4, n_layers=1, reads_root=False)
+    assert head_set_spec("medusa3+root", 4) == dict(kind="medusa", n_heads=4, n_layers=3, reads_root=True)
     with pytest.raises(ValueError, match="unknown head set"):
         head_set_spec("hydra", 4)
 
