@@ -579,7 +579,8 @@ def train(cfg):
     if rank() == 0:
         write_atomically(os.path.join(cfg.out_dir, "metrics.json"),
                          lambda tmp: pathlib.Path(tmp).write_text(json.dumps(metrics, indent=1)))
-    if torch.distributed.is_initialized():
+    if torch.distributed.is_initialized():  # wait for rank 0's evaluation: a rank that tears gloo down
+        torch.distributed.barrier()           # while another still holds it can abort the process
         torch.distributed.destroy_process_group()
     return metrics
 
