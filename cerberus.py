@@ -21,8 +21,9 @@ from model import KVCache, linear
 
 # ----------------------------------------------------------------------------------------------
 # Heads. Head k (k = 1..K) guesses the token k steps after the backbone's own next token, from the
-# backbone's last hidden state h. Both kinds run all K heads in one batched matmul over
-# stacked weights and share the backbone's lm_head, so they only add small C x C matrices.
+# backbone's last hidden state h (and, in the reads_root variant, from that next token too). Both
+# kinds run all K heads in one batched matmul over stacked weights and share the backbone's lm_head,
+# so they only add small C x C matrices.
 
 def residual_blocks(z, weight, bias):
     """Each head's stack of Medusa blocks z_k <- z_k + SiLU(W_k z_k + b_k), all heads in one batched
