@@ -48,10 +48,13 @@ class DraftHeads(nn.Module):
         self.root_bias = nn.Parameter(torch.zeros(C)) if reads_root else None
 
     def input_state(self, hidden, root_vec):
-        """hidden, root_vec (..., C) -> (M, C), M positions."""
+        """hidden, root_vec (..., C) -> (M, C), M positions. root_vec may be None for the papers' heads."""
         h = hidden.reshape(-1, self.n_embd)
         if self.root_weight is None:
             return h
+        if root_vec is None:
+            raise ValueError("these heads read the root token (reads_root=True): pass root_vec, the lm_head "
+                             "row of the backbone's next token (head_logits(..., root=ids) does it)")
         return h + F.silu(torch.cat([h, root_vec.reshape(h.shape)], -1) @ self.root_weight.mT + self.root_bias)
 
 
@@ -64,7 +67,7 @@ class MedusaHeads(DraftHeads):
         self.weight = nn.Parameter(torch.zeros(n_layers, n_heads, C, C))
         self.bias = nn.Parameter(torch.zeros(n_layers, n_heads, C))
 
-    def forward(self, hidden, root_vec):
+    def forward(self, hidden, root_vec=None):
         """hidden, root_vec (..., C) -> (K, ..., C): one state per head, for the shared lm_head."""
         h = self.input_state(hidden, root_vec)  # (M, C)
         z = residual_blocks(h.expand(self.n_heads, *h.shape), self.weight, self.bias)  # (K, M, C)
@@ -88,7 +91,7 @@ class CerberusHeads(DraftHeads):
         self.w2 = nn.Parameter(torch.zeros(n_heads, C, 2 * C))
         self.b2 = nn.Parameter(torch.zeros(n_heads, C))
 
-    def forward(self, hidden, root_vec):
+    def forward(self, hidden, root_vec=None):
         """hidden, root_vec (..., C) -> (K, ..., C)."""
         h = self.input_state(hidden, root_vec)  # (M, C)
         z = residual_blocks(h.expand(self.n_heads, -1, -1), self.w1, self.b1)  # (K, M, C): stage 1
@@ -111,15 +114,17 @@ def parameter_count(module):
     return sum(p.numel() for p in module.parameters())
 
 
-def head_logits(heads, lm_weight, hidden, root, n):
+def head_logits(heads, lm_weight, hidden, n, root=None):
     """Draft logits of the first n heads through the shared lm_head: hidden (..., C) -> (n, ..., V).
 
-    root (...): the backbone's own next token at each position (a tree's root). Heads built with
-    reads_root=True read it as its lm_head row; the paper's heads ignore it. The heads and lm_weight
-    may be in a cheaper dtype than the backbone (bfloat16, say): drafts never change the output.
+    root (...): the backbone's own next token at each position (a tree's root); heads built with
+    reads_root=True read it as its lm_head row and need it, the papers' heads ignore it. The heads
+    and lm_weight may be in a cheaper dtype than the backbone (bfloat16, say): drafts never change
+    the output.
     """
     dtype = next(heads.parameters()).dtype
-    states = heads(hidden.to(dtype), lm_weight[root].to(dtype))[:n]
+    root_vec = None if root is None else lm_weight[root].to(dtype)
+    states = heads(hidden.to(dtype), root_vec)[:n]
     return linear(states.to(lm_weight.dtype), lm_weight)
 
 
@@ -312,14 +317,14 @@ def generate(model, prompt_ids, max_new_tokens, heads=None, tree=None, gate_thre
         drafts = gate = None
         use_heads = heads is not None and gate_threshold > 0  # threshold 0: always AR
         if use_heads and gate_on == "head1":
-            drafts = head_logits(heads, lm_weight, last_hidden, root[0], max(tree.max_depth, 1))
+            drafts = head_logits(heads, lm_weight, last_hidden, max(tree.max_depth, 1), root=root[0])
         if use_heads and gate_threshold < math.inf:  # threshold inf: always parallel, no entropy needed
             gate = float(entropy(next_logits if drafts is None else drafts[0]))
         parallel = use_heads and (gate is None or gate < gate_threshold)
 
         if parallel:  # propose -> verify -> keep
             if drafts is None:
-                drafts = head_logits(heads, lm_weight, last_hidden, root[0], tree.max_depth)
+                drafts = head_logits(heads, lm_weight, last_hidden, tree.max_depth, root=root[0])
             tokens = propose(drafts, root, tree)  # (N,)
             logits, hidden = model(tokens[None], cache, pos=cache.length + tree.depth, mask=tree.mask(cache.length))
             path = verify(tokens, logits[0].argmax(-1), tree)  # accepted nodes, root first

@@ -268,7 +268,7 @@ def train_heads(heads, lm_weight, data, cfg, desc="heads"):
             group["lr"] = lr
         rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         root = data["targets"][rows, 0]  # (b,) the backbone's own next token, the tree's root at decode
-        logits = head_logits(model, lm_weight, data["hidden"][rows].float(), root, cfg.n_heads)  # (K, b, V)
+        logits = head_logits(model, lm_weight, data["hidden"][rows].float(), cfg.n_heads, root=root)  # (K, b, V)
         target = data["targets"][rows, 1:].T  # (K, b)
         losses = torch.stack([F.cross_entropy(logits[k], target[k], ignore_index=IGNORE)
                               for k in range(cfg.n_heads)])
@@ -288,7 +288,8 @@ def target_ranks(heads, lm_weight, data, n_heads, chunk=512):
     ranks = []
     for i in range(0, len(data["targets"]), chunk):
         rows = slice(i, i + chunk)
-        logits = head_logits(heads, lm_weight, data["hidden"][rows].float(), data["targets"][rows, 0], n_heads).float()
+        root = data["targets"][rows, 0]  # (b,) the backbone's own next token at each row
+        logits = head_logits(heads, lm_weight, data["hidden"][rows].float(), n_heads, root=root).float()
         target = data["targets"][rows, 1:].T  # (K, b)
         valid = target != IGNORE
         picked = logits.gather(-1, target.clamp(min=0)[..., None])  # (K, b, 1)
@@ -362,7 +363,7 @@ def step_costs(model, sizes, n_cached=256):
 def draft_costs(heads, lm_weight):
     """{d: seconds} to draft with the first d heads at one position (heads, lm_head, top-k)."""
     hidden, root = torch.randn(heads.n_embd, device=lm_weight.device), torch.tensor(0, device=lm_weight.device)
-    return fastest({d: lambda d=d: head_logits(heads, lm_weight, hidden, root, d).topk(10, dim=-1)
+    return fastest({d: lambda d=d: head_logits(heads, lm_weight, hidden, d, root=root).topk(10, dim=-1)
                     for d in range(1, heads.n_heads + 1)})
 
 

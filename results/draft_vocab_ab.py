@@ -38,7 +38,7 @@ def main(K):
     print(f"{K} draft tokens cover {float(counts[vocab].sum() / counts.sum()):.4f} of the training answers' "
           f"tokens ({int((counts > 0).sum())} distinct)")
 
-    def few_token_logits(heads, lm_weight, hidden, root, n):  # head_logits over the K rows only
+    def few_token_logits(heads, lm_weight, hidden, n, root):  # head_logits over the K rows only
         dtype = next(heads.parameters()).dtype
         return linear(heads(hidden.to(dtype), lm_weight[root].to(dtype))[:n], rows)
 

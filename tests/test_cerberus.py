@@ -146,9 +146,11 @@ def test_only_the_root_reading_variant_reads_the_root():
     h, root_vec, other = torch.randn(3, TINY.n_embd), torch.randn(3, TINY.n_embd), torch.randn(3, TINY.n_embd)
     for kind in (MedusaHeads, CerberusHeads):
         paper, variant = perturb(kind(TINY, 4), 0), perturb(kind(TINY, 4, reads_root=True), 0)
-        assert torch.equal(paper(h, root_vec), paper(h, other))
+        assert torch.equal(paper(h, root_vec), paper(h, other)) and torch.equal(paper(h), paper(h, other))
         changed = (variant(h, root_vec) - variant(h, other)).abs().amax(dim=(1, 2))  # (K,)
         assert (changed > 1e-3).all()
+        with pytest.raises(ValueError, match="read the root token"):
+            variant(h)
 
 
 def test_bad_input_is_a_value_error():
