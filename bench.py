@@ -100,7 +100,7 @@ def parse_tree(spec, gate):
     return Tree(ast.literal_eval(spec)) if spec.lstrip().startswith("[") else Tree.preset(spec)
 
 
-def recalibrate(head_sets, costs, draft_weight):
+def recalibrate(head_sets, costs, lm_weight):
     """Re-choose each head set's tree and gate threshold for the step costs measured here, from the
     held-out entropies and target ranks stored in its checkpoint (train.calibrate): a tree that
     pays on one device may lose on another. Returns new head sets (the checkpoints given are left
@@ -109,7 +109,7 @@ def recalibrate(head_sets, costs, draft_weight):
     for name, (heads, ckpt) in head_sets.items():
         if "calibration" in ckpt:
             data = ckpt["calibration"]
-            gate = calibrate(data["ranks"], data["entropy"].float(), costs, draft_costs(heads, draft_weight))
+            gate = calibrate(data["ranks"], data["entropy"].float(), costs, draft_costs(heads, lm_weight))
             ckpt = {**ckpt, "gate": gate}
             print(f"  {name} re-calibrated here: tree of {len(gate['tree']) + 1} nodes, threshold "
                   f"{gate['threshold']:.3f} nats, est. speedup {gate['est_speedup']:.2f}x")
@@ -118,7 +118,7 @@ def recalibrate(head_sets, costs, draft_weight):
     return out
 
 
-def arm_kwargs(arm, cfg, head_sets, eos_id, draft_weight):
+def arm_kwargs(arm, cfg, head_sets, eos_id, lm_weight):
     """generate() keyword arguments of one arm. Only the cerberus arm gates; the others always go parallel."""
     kwargs = dict(max_new_tokens=cfg.max_new_tokens, eos_id=eos_id)
     if arm == "ar":
@@ -129,7 +129,7 @@ def arm_kwargs(arm, cfg, head_sets, eos_id, draft_weight):
     if arm == "cerberus":
         threshold = gate["threshold"] if cfg.threshold < 0 else cfg.threshold
     return dict(kwargs, heads=heads, tree=parse_tree(cfg.tree, gate), gate_threshold=threshold,
-                gate_on=gate.get("gate_on", "backbone"), draft_weight=draft_weight)
+                gate_on=gate.get("gate_on", "backbone"), draft_weight=heads.draft_weight(lm_weight))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def summarise(gens, baseline, prefill):
             "new_tokens": new_tokens, "seconds": sum(g.seconds for g in gens)}
 
 
-def head_accuracy(model, head_sets, draft_weight, prompts, ar_runs):
+def head_accuracy(model, head_sets, lm_weight, prompts, ar_runs):
     """{head set: per-head top-1/top-5} on the AR answers to these very prompts: one forward per prompt
     gives the hidden state before each answer token, and head k should name the token k after it."""
     device, accuracies = model.embed.weight.device, {}
@@ -189,7 +189,7 @@ def head_accuracy(model, head_sets, draft_weight, prompts, ar_runs):
             hidden.append(states[0, P - 1:P - 1 + len(run.ids)])  # (A, C): row i predicts answer token i
             targets.append(head_targets(torch.tensor(run.ids, device=device), heads.n_heads))
         data = {"hidden": torch.cat(hidden), "targets": torch.cat(targets)}
-        accuracies[name] = accuracy(target_ranks(heads, draft_weight, data, heads.n_heads))
+        accuracies[name] = accuracy(target_ranks(heads, lm_weight, data, heads.n_heads))
     return accuracies
 
 
@@ -309,7 +309,7 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
         head_dir = cfg.heads or os.path.join(ROOT, "heads")
         head_sets = {name: load_heads(os.path.join(head_dir, f"{name}.pt"), model) for name in sorted(needed)}
     head_sets = {name: (heads.to(device, draft_dtype), ckpt) for name, (heads, ckpt) in head_sets.items()}
-    draft_weight = model.lm_head.weight.to(draft_dtype)  # cast once, not in every generate() call
+    lm_weight = model.lm_head.weight.to(draft_dtype)  # what the heads draft through, cast once, not per call
     if cfg.compile:  # dynamic: prompt, cache and tree sizes vary; a static compile would recompile per size
         model.forward = torch.compile(model.forward, dynamic=True)
 
@@ -322,8 +322,8 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
     costs = step_costs(model, STEP_SIZES)
     print_step_costs(costs, head_sets)
     if cfg.calibrate:
-        head_sets = recalibrate(head_sets, costs, draft_weight)
-    settings = {arm: arm_kwargs(arm, cfg, head_sets, eos_id, draft_weight) for arm in arms}
+        head_sets = recalibrate(head_sets, costs, lm_weight)
+    settings = {arm: arm_kwargs(arm, cfg, head_sets, eos_id, lm_weight) for arm in arms}
     warm = warm_up(model, prompts[0]["ids"], settings)
     print(f"warm-up, untimed{' (includes torch.compile)' if cfg.compile else ''}: "
           + ", ".join(f"{arm} {s:.2f}s" for arm, s in warm.items()))
@@ -334,14 +334,14 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
     runs = run_arms(model, prompts, settings)
     results = report(runs, prompts, prefill)
     print_tables(results, settings)
-    heads_seen = head_accuracy(model, head_sets, draft_weight, prompts, runs["ar"])
+    heads_seen = head_accuracy(model, head_sets, lm_weight, prompts, runs["ar"])
     for name, acc in heads_seen.items():
         print(f"{name} heads on these prompts' AR answers, top-1 / top-5: "
               + "  ".join(f"{k} {a['top1']:.3f} / {a['top5']:.3f}" for k, a in acc.items()))
     summary = dict(conditions, arms={arm: dict(r, warmup_s=warm[arm]) for arm, r in results.items()},
                    head_accuracy=heads_seen)
     if cfg.sweep:
-        summary["sweep"] = sweep_gate(model, prompts, arm_kwargs("cerberus", cfg, head_sets, eos_id, draft_weight),
+        summary["sweep"] = sweep_gate(model, prompts, arm_kwargs("cerberus", cfg, head_sets, eos_id, lm_weight),
                                       prefill)
         print_sweep(summary["sweep"], cfg.out_dir)
     print(json.dumps(summary))  # last line of stdout

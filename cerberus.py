@@ -34,8 +34,8 @@ def residual_blocks(z, weight, bias):
 
 
 class DraftHeads(nn.Module):
-    """What Medusa and Cerberus heads share: their sizes, their spec (stored in checkpoints), and the
-    input state of every head. With reads_root=True (a variant, not in either paper) that state also
+    """What Medusa and Cerberus heads share: their sizes, their spec (stored in checkpoints), their
+    draft vocabulary (optional) and the input state of every head. With reads_root=True (a variant, not in either paper) that state also
     reads the backbone's own next token, known before any head runs: h + SiLU(P [h ; e] + b), e being
     that token's lm_head row. Zero init: it starts as h."""
 
@@ -46,6 +46,27 @@ class DraftHeads(nn.Module):
         self.spec = dict(kind=kind, n_heads=n_heads, n_layers=n_layers, reads_root=reads_root)
         self.root_weight = nn.Parameter(torch.zeros(C, 2 * C)) if reads_root else None
         self.root_bias = nn.Parameter(torch.zeros(C)) if reads_root else None
+        self.register_buffer("vocab", None)  # (D,) token ids the heads draft over; None = all V (draft_over)
+
+    def draft_over(self, token_ids):
+        """Let the heads draft over these D token ids only (a draft vocabulary, as in EAGLE-3): their
+        lm_head shrinks from V to D rows. train.py picks the tokens the backbone writes most often. A
+        token outside them can never be drafted, which costs acceptance only, never correctness."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long)
+        if ids.ndim != 1 or len(ids) == 0 or int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
+            raise ValueError(f"a draft vocabulary is a non-empty 1-D list of token ids in [0, {self.vocab_size})")
+        self.vocab = ids.to(next(self.parameters()).device)
+        return self
+
+    @property
+    def n_draft_tokens(self):
+        """D, the size of the heads' draft vocabulary (V without one)."""
+        return self.vocab_size if self.vocab is None else len(self.vocab)
+
+    def draft_weight(self, lm_weight):
+        """lm_head (V, C) -> the rows the heads draft through: (D, C) with a draft vocabulary, else
+        (V, C). With a vocabulary it is a copy: make it once per model, not at every step."""
+        return lm_weight if self.vocab is None else lm_weight[self.vocab].contiguous()
 
     def input_state(self, hidden, root_vec):
         """hidden, root_vec (..., C) -> (M, C), M positions. root_vec may be None for the papers' heads."""
@@ -54,7 +75,7 @@ class DraftHeads(nn.Module):
             return h
         if root_vec is None:
             raise ValueError("these heads read the root token (reads_root=True): pass root_vec, the lm_head "
-                             "row of the backbone's next token (head_logits(..., root=ids) does it)")
+                             "row of the backbone's next token (head_logits(..., root_vec=lm_weight[ids]))")
         return h + F.silu(torch.cat([h, root_vec.reshape(h.shape)], -1) @ self.root_weight.mT + self.root_bias)
 
 
@@ -114,18 +135,18 @@ def parameter_count(module):
     return sum(p.numel() for p in module.parameters())
 
 
-def head_logits(heads, lm_weight, hidden, n, root=None):
-    """Draft logits of the first n heads through the shared lm_head: hidden (..., C) -> (n, ..., V).
+def head_logits(heads, draft_weight, hidden, n, root_vec=None):
+    """Draft logits of the first n heads through the shared lm_head: hidden (..., C) -> (n, ..., D).
 
-    root (...): the backbone's own next token at each position (a tree's root); heads built with
-    reads_root=True read it as its lm_head row and need it, the papers' heads ignore it. The heads
-    and lm_weight may be in a cheaper dtype than the backbone (bfloat16, say): drafts never change
-    the output.
+    draft_weight: heads.draft_weight(lm_head weight), (D, C); logit j scores token heads.vocab[j]
+    (token j without a draft vocabulary, D = V). root_vec (..., C): the lm_head row of the backbone's
+    own next token at each position (a tree's root); heads built with reads_root=True need it, the
+    papers' heads ignore it. Heads and draft_weight may be in a cheaper dtype than the backbone
+    (bfloat16, say): drafts never change the output.
     """
     dtype = next(heads.parameters()).dtype
-    root_vec = None if root is None else lm_weight[root].to(dtype)
-    states = heads(hidden.to(dtype), root_vec)[:n]
-    return linear(states.to(lm_weight.dtype), lm_weight)
+    states = heads(hidden.to(dtype), None if root_vec is None else root_vec.to(dtype))[:n]
+    return linear(states.to(draft_weight.dtype), draft_weight)
 
 
 def entropy(logits):
@@ -218,9 +239,12 @@ class Tree:
         return f"Tree(n_nodes={self.n_nodes}, max_depth={self.max_depth}, paths={self.paths})"
 
 
-def propose(drafts, root, tree):
-    """Fill the tree: root (1,) and drafts (K, V), the heads' logits -> node tokens (N,)."""
+def propose(drafts, root, tree, vocab=None):
+    """Fill the tree: root (1,) and drafts (K, D), the heads' logits -> node tokens (N,).
+    vocab (D,): the token id of each logit column, for heads with a draft vocabulary."""
     top = drafts.topk(tree.max_rank + 1, dim=-1).indices  # (K, R)
+    if vocab is not None:
+        top = vocab[top]  # column -> token id
     return torch.cat([root, top[tree.depth[1:] - 1, tree.rank[1:]]])
 
 
@@ -293,8 +317,8 @@ def generate(model, prompt_ids, max_new_tokens, heads=None, tree=None, gate_thre
     With heads: at each step, if the entropy of the gate's distribution (`gate_on`: "backbone",
     the next-token distribution; or "head1", head 1's) is below `gate_threshold`, a parallel step
     (0 = always AR, inf = always parallel). The ids are those of greedy AR whatever the heads do.
-    draft_weight: the lm_head weight the heads draft through; default the model's, cast to the
-    heads' dtype (pass a cast copy once to keep that conversion out of every call).
+    draft_weight: the lm_head rows the heads draft through, heads.draft_weight(lm_head weight) cast
+    to the heads' dtype; made here by default (pass it to make that copy once, not in every call).
     """
     device = model.embed.weight.device
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
@@ -303,7 +327,12 @@ def generate(model, prompt_ids, max_new_tokens, heads=None, tree=None, gate_thre
     check_request(model, prompt, max_new_tokens, heads, tree, gate_on)
     if heads is not None:
         tree = tree.to(device)
-        lm_weight = model.lm_head.weight.to(next(heads.parameters()).dtype) if draft_weight is None else draft_weight
+        lm_weight = model.lm_head.weight  # (V, C): the root's row, for heads that read the root
+        if draft_weight is None:
+            draft_weight = heads.draft_weight(lm_weight).to(next(heads.parameters()).dtype)
+        if len(draft_weight) != heads.n_draft_tokens:
+            raise ValueError(f"draft_weight has {len(draft_weight)} rows but the heads draft over "
+                             f"{heads.n_draft_tokens} tokens: pass heads.draft_weight(model.lm_head.weight)")
 
     cache = KVCache(model.config, len(prompt) + max_new_tokens + (tree.n_nodes if tree else 1),
                     device=device, dtype=model.embed.weight.dtype)
@@ -317,15 +346,15 @@ def generate(model, prompt_ids, max_new_tokens, heads=None, tree=None, gate_thre
         drafts = gate = None
         use_heads = heads is not None and gate_threshold > 0  # threshold 0: always AR
         if use_heads and gate_on == "head1":
-            drafts = head_logits(heads, lm_weight, last_hidden, max(tree.max_depth, 1), root=root[0])
+            drafts = head_logits(heads, draft_weight, last_hidden, max(tree.max_depth, 1), lm_weight[root[0]])
         if use_heads and gate_threshold < math.inf:  # threshold inf: always parallel, no entropy needed
             gate = float(entropy(next_logits if drafts is None else drafts[0]))
         parallel = use_heads and (gate is None or gate < gate_threshold)
 
         if parallel:  # propose -> verify -> keep
             if drafts is None:
-                drafts = head_logits(heads, lm_weight, last_hidden, tree.max_depth, root=root[0])
-            tokens = propose(drafts, root, tree)  # (N,)
+                drafts = head_logits(heads, draft_weight, last_hidden, tree.max_depth, lm_weight[root[0]])
+            tokens = propose(drafts, root, tree, heads.vocab)  # (N,)
             logits, hidden = model(tokens[None], cache, pos=cache.length + tree.depth, mask=tree.mask(cache.length))
             path = verify(tokens, logits[0].argmax(-1), tree)  # accepted nodes, root first
             cache.keep(path)

@@ -54,6 +54,7 @@ class TrainConfig:
     lr: float = 1e-3
     warmup: int = 50  # steps of linear warm-up, then cosine decay to 0
     head_decay: float = 0.8  # loss weight of head k is head_decay ** (k - 1)
+    draft_vocab: int = 16384  # heads draft over the D tokens the backbone writes most often; 0 = all V
     train_dtype: str = "bfloat16"  # dtype of the shared lm_head in the loss (heads keep float32 weights)
     seed: int = 0
 
@@ -245,6 +246,28 @@ def head_weights(cfg):
     return torch.tensor([cfg.head_decay ** k for k in range(cfg.n_heads)])
 
 
+def draft_vocabulary(targets, size, vocab_size):
+    """(size,) sorted token ids: those the backbone wrote most often in the training answers (targets
+    column 0), ties and unseen tokens ordered by id (BPE's early merges are its frequent tokens). Under
+    torchrun the counts are summed over ranks, so every rank drafts over the same tokens."""
+    counts = torch.bincount(targets[:, 0], minlength=vocab_size)
+    if world_size() > 1:
+        torch.distributed.all_reduce(counts)
+    counts = counts.tolist()
+    order = sorted(range(vocab_size), key=lambda token: (-counts[token], token))
+    return torch.tensor(sorted(order[:size]))
+
+
+def draft_classes(heads, tokens):
+    """Token ids (IGNORE included) -> their column among the heads' draft logits; IGNORE for tokens
+    outside the draft vocabulary (no head can draft them, so no loss can teach it)."""
+    if heads.vocab is None:
+        return tokens
+    column = torch.full((heads.vocab_size,), IGNORE, dtype=torch.long, device=tokens.device)
+    column[heads.vocab] = torch.arange(len(heads.vocab), device=tokens.device)
+    return torch.where(tokens == IGNORE, IGNORE, column[tokens.clamp(min=0)])
+
+
 def train_heads(heads, lm_weight, data, cfg, desc="heads"):
     """AdamW with warm-up and cosine decay, one pass (per epoch) over the positions in random order.
     Under torchrun the heads are wrapped in DDP and every rank trains on its own data shard."""
@@ -260,6 +283,7 @@ def train_heads(heads, lm_weight, data, cfg, desc="heads"):
         torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
         n_steps = int(n)
     weights = head_weights(cfg)
+    draft_weight = heads.draft_weight(lm_weight)  # (D, C)
     order = torch.cat([torch.randperm(M) for _ in range(cfg.epochs)])
     bar = tqdm(range(n_steps), desc=desc, unit="step", disable=rank() > 0)
     for step in bar:
@@ -267,9 +291,9 @@ def train_heads(heads, lm_weight, data, cfg, desc="heads"):
         for group in opt.param_groups:
             group["lr"] = lr
         rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-        root = data["targets"][rows, 0]  # (b,) the backbone's own next token, the tree's root at decode
-        logits = head_logits(model, lm_weight, data["hidden"][rows].float(), cfg.n_heads, root=root)  # (K, b, V)
-        target = data["targets"][rows, 1:].T  # (K, b)
+        root_vec = lm_weight[data["targets"][rows, 0]]  # (b, C) the backbone's own next token, the tree's root
+        logits = head_logits(model, draft_weight, data["hidden"][rows].float(), cfg.n_heads, root_vec)  # (K, b, D)
+        target = draft_classes(heads, data["targets"][rows, 1:].T)  # (K, b)
         losses = torch.stack([F.cross_entropy(logits[k], target[k], ignore_index=IGNORE)
                               for k in range(cfg.n_heads)])
         loss = (weights * losses.nan_to_num()).sum()  # a head with no valid target contributes 0
@@ -283,18 +307,19 @@ def train_heads(heads, lm_weight, data, cfg, desc="heads"):
 
 @torch.no_grad()
 def target_ranks(heads, lm_weight, data, n_heads, chunk=512):
-    """(M, K) uint8 rank of the true target among each head's logits (0 = top-1, capped at 254);
-    NO_TARGET where the answer has ended. Tree acceptance and top-k accuracy follow from these."""
-    ranks = []
+    """(M, K) uint8 rank of the true target among each head's logits (0 = top-1, capped at 254, which
+    a target outside the draft vocabulary gets); NO_TARGET where the answer has ended. Tree
+    acceptance and top-k accuracy follow from these."""
+    ranks, draft_weight = [], heads.draft_weight(lm_weight)
     for i in range(0, len(data["targets"]), chunk):
         rows = slice(i, i + chunk)
-        root = data["targets"][rows, 0]  # (b,) the backbone's own next token at each row
-        logits = head_logits(heads, lm_weight, data["hidden"][rows].float(), n_heads, root=root).float()
+        root_vec = lm_weight[data["targets"][rows, 0]]  # (b, C) the backbone's own next token at each row
+        logits = head_logits(heads, draft_weight, data["hidden"][rows].float(), n_heads, root_vec).float()
         target = data["targets"][rows, 1:].T  # (K, b)
-        valid = target != IGNORE
-        picked = logits.gather(-1, target.clamp(min=0)[..., None])  # (K, b, 1)
-        rank = (logits > picked).sum(-1)
-        ranks.append(torch.where(valid, rank.clamp(max=NO_TARGET - 1), NO_TARGET).T.to(torch.uint8))
+        column = draft_classes(heads, target)
+        picked = logits.gather(-1, column.clamp(min=0)[..., None])  # (K, b, 1)
+        rank = torch.where(column == IGNORE, NO_TARGET - 1, (logits > picked).sum(-1).clamp(max=NO_TARGET - 1))
+        ranks.append(torch.where(target != IGNORE, rank, NO_TARGET).T.to(torch.uint8))
     return torch.cat(ranks)
 
 
@@ -362,8 +387,8 @@ def step_costs(model, sizes, n_cached=256):
 @torch.no_grad()
 def draft_costs(heads, lm_weight):
     """{d: seconds} to draft with the first d heads at one position (heads, lm_head, top-k)."""
-    hidden, root = torch.randn(heads.n_embd, device=lm_weight.device), torch.tensor(0, device=lm_weight.device)
-    return fastest({d: lambda d=d: head_logits(heads, lm_weight, hidden, d, root=root).topk(10, dim=-1)
+    hidden, draft_weight = torch.randn(heads.n_embd, device=lm_weight.device), heads.draft_weight(lm_weight)
+    return fastest({d: lambda d=d: head_logits(heads, draft_weight, hidden, d, lm_weight[0]).topk(10, dim=-1)
                     for d in range(1, heads.n_heads + 1)})
 
 
@@ -434,7 +459,7 @@ def write_atomically(path, write):
 
 def save_heads(path, heads, backbone, extra):
     """Write heads (half precision) with their spec and the backbone's fingerprint, atomically."""
-    state = {k: v.detach().to(torch.float16).cpu() for k, v in heads.state_dict().items()}
+    state = {k: (v.half() if v.is_floating_point() else v).detach().cpu() for k, v in heads.state_dict().items()}
     payload = {"spec": heads.spec, "state_dict": state, "backbone": backbone.fingerprint(), **extra}
     write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
@@ -452,7 +477,9 @@ def load_heads(path, model):
         raise ValueError(f"heads in {path} were trained for another backbone (fingerprint "
                          f"{ckpt.get('backbone')} != {model.fingerprint()}); train heads for this model")
     heads = build_heads(model.config, ckpt["spec"])
-    state = {k: v.float() for k, v in ckpt["state_dict"].items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    if "vocab" in state:  # the token ids the heads draft over (train.py's draft_vocab)
+        heads.draft_over(state["vocab"])
     if ckpt["spec"]["kind"] == "cerberus" and "n_layers" not in ckpt["spec"]:  # saved before stage 1 could
         state["w1"], state["b1"] = state["w1"][None], state["b1"][None]  # be deeper: one block, unstacked
     heads.load_state_dict(state)
@@ -546,12 +573,19 @@ def train(cfg):
     held_out = concat([d["held_out"] for d in data.values()])
     held_out_sizes = [len(d["held_out"]["targets"]) for d in data.values()]  # to report accuracy per source
     lm_weight = model.lm_head.weight.to(getattr(torch, cfg.train_dtype))
+    V = model.config.vocab_size
+    vocab = draft_vocabulary(train_data["targets"], cfg.draft_vocab, V) if 0 < cfg.draft_vocab < V else None
+    coverage = 1.0 if vocab is None else float(torch.isin(held_out["targets"][:, 0], vocab).float().mean())
+    if rank() == 0:  # a held-out token outside the draft vocabulary is one no head can get right
+        print(f"draft vocabulary: {len(vocab) if vocab is not None else V} tokens, "
+              f"{coverage:.4f} of the held-out answers' tokens")
     metrics = {"config": asdict(cfg), "device": str(device), "positions": len(train_data["targets"]),
                "held_out_positions": len(held_out["targets"]),
                "data_seconds": round(sum(d["seconds"] for d in data.values()), 1),
                "sources": {s: {"positions": len(d["train"]["targets"]),
                                "held_out_positions": len(d["held_out"]["targets"]),
                                "seconds": round(d["seconds"], 1)} for s, d in data.items()},
+               "draft_vocab": len(vocab) if vocab is not None else V, "held_out_in_draft_vocab": round(coverage, 4),
                "heads": {}}
 
     gate_entropy = torch.cat([entropy(linear(h.to(device, lm_weight.dtype), lm_weight)).cpu()
@@ -559,6 +593,8 @@ def train(cfg):
     costs = step_costs(model, [1, 2, 3, 4, 6, 8, 16, 32, 64]) if rank() == 0 else {}
     for name in cfg.heads.split(","):
         heads = build_heads(model.config, head_set_spec(name, cfg.n_heads)).to(device)
+        if vocab is not None:
+            heads.draft_over(vocab)
         t0 = time.time()
         train_heads(heads, lm_weight, train_data, cfg, desc=name)
         seconds = time.time() - t0

@@ -40,7 +40,8 @@ def main():
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()
     heads, ckpt = load_heads(os.path.join(ROOT, "heads", "cerberus.pt"), model)
-    heads, draft_weight = heads.to(torch.bfloat16), model.lm_head.weight.to(torch.bfloat16)
+    heads = heads.to(torch.bfloat16)
+    draft_weight = heads.draft_weight(model.lm_head.weight).to(torch.bfloat16)
     tree = Tree([(0,), (1,), (0, 0)])  # what the benchmark calibrated to on this CPU
     prompts = load_prompts(os.path.join(ROOT, "..", "shared", "data", "mt_bench.jsonl"), tokenizer, N_PROMPTS)
     eos_id = tokenizer.encode("<|im_end|>", allowed_special="all")[0]

@@ -40,6 +40,30 @@ def test_every_tree_gate_and_eos_reproduces_greedy_ar(seed, kind, spec):
         assert ids == reference_eos, name
 
 
+def test_a_draft_vocabulary_keeps_the_output_and_drafts_only_its_tokens():
+    """Heads that draft over a subset of the vocabulary still reproduce greedy AR exactly, and every
+    drafted token (all nodes but the root) is one of the subset's, even when AR's tokens are not."""
+    model = tiny_gpt(3)
+    reference, _ = generate(model, PROMPT, 30)
+    some = torch.randperm(TINY.vocab_size, generator=torch.Generator().manual_seed(0))[:100].tolist()
+    none_of_ar = sorted(set(range(TINY.vocab_size)) - set(reference))  # no draft can ever be accepted
+    for vocab in (some, none_of_ar):
+        heads = perturb(CerberusHeads(TINY, 4, reads_root=True), 3).draft_over(vocab)
+        for tree in (Tree.preset("sparse16"), Tree.chain(3)):
+            ids, stats = generate(model, PROMPT, 30, heads=heads, tree=tree, trace=True)
+            assert ids == reference
+            assert {t for step in stats.trace for t in step["tree"][1:]} <= set(vocab)
+            if vocab is none_of_ar:
+                assert set(stats.accept_lengths) == {0}
+
+
+def test_propose_maps_draft_columns_to_token_ids():
+    drafts = torch.tensor([[0.1, 0.9, 0.5], [0.7, 0.2, 0.1]])  # 2 heads x 3 columns
+    tree = Tree([(0,), (1,), (0, 0)])  # head 1's top-2, head 2's top-1 under head 1's best
+    assert cerberus.propose(drafts, torch.tensor([4]), tree).tolist() == [4, 1, 2, 0]
+    assert cerberus.propose(drafts, torch.tensor([4]), tree, vocab=torch.tensor([30, 10, 20])).tolist() == [4, 10, 20, 30]
+
+
 def test_gate_extremes():
     """Threshold 0 never runs a parallel step; infinity never runs an AR step."""
     model, heads = tiny_gpt(), perturb(CerberusHeads(TINY, 4), 0)
@@ -56,7 +80,7 @@ def test_oracle_drafts_are_accepted_to_full_depth(depth, monkeypatch):
     reference, _ = generate(model, PROMPT, max_new_tokens=41)
     position = {"next": 0}  # index in `reference` of the root of the coming step
 
-    def oracle(drafts, root, tree):
+    def oracle(drafts, root, tree, vocab=None):
         j = position["next"]
         assert int(root) == reference[j]  # holds only if every earlier step accepted fully
         position["next"] = j + depth + 1
@@ -172,6 +196,11 @@ def test_bad_input_is_a_value_error():
         Tree([(0, 0)])
     with pytest.raises(ValueError, match="needs draft heads"):
         generate(model, PROMPT, 8, tree=Tree.chain(1))
+    with pytest.raises(ValueError, match="token ids in"):
+        CerberusHeads(TINY, 2).draft_over([3, 256])
+    small = CerberusHeads(TINY, 2).draft_over([3, 5, 7])
+    with pytest.raises(ValueError, match="draft over 3 tokens"):
+        generate(model, PROMPT, 8, heads=small, tree=Tree.chain(1), draft_weight=model.lm_head.weight)
 
 
 def test_trace_records_each_step():

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from cerberus import CerberusHeads, MedusaHeads, Tree, generate
 from conftest import TINY, perturb, tiny_gpt, write_gguf
 from model import GPT, GPTConfig
-from train import (IGNORE, TrainConfig, batched_generate, calibrate, head_set_spec, head_targets, load_heads,
-                   parse_cli, save_heads, self_distill, train_config, train_heads)
+from train import (IGNORE, NO_TARGET, TrainConfig, batched_generate, calibrate, draft_classes, draft_vocabulary,
+                   head_set_spec, head_targets, load_heads, parse_cli, save_heads, self_distill, target_ranks,
+                   train_config, train_heads)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,10 +63,11 @@ class ByteTokenizer:  # the two methods self_distill needs, for a model without 
         return [1] if text == "<|im_end|>" else list(text.encode())[:8]
 
 
-@pytest.mark.parametrize("reads_root", [False, True])
-def test_brief_training_raises_accepted_length(monkeypatch, reads_root):
+@pytest.mark.parametrize("reads_root,draft_vocab", [(False, 0), (True, 0), (True, 128)])
+def test_brief_training_raises_accepted_length(monkeypatch, reads_root, draft_vocab):
     """Heads trained on a predictable backbone must be accepted: tau well above 1 — and the
-    backbone stays bit-identical through training."""
+    backbone stays bit-identical through training. Also with a draft vocabulary of half the tokens
+    (the ones the answers use), which the loss and the drafts must both index the same way."""
     model = counting_backbone()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     monkeypatch.setattr("train.chat_prompt", lambda tok, text: tok.encode(text))
@@ -77,6 +79,8 @@ def test_brief_training_raises_accepted_length(monkeypatch, reads_root):
     # generate(), where the heads read argmax(lm_head(last_hidden)): the variant trains on what it sees.
     assert torch.equal(model.lm_head(data["hidden"].float()).argmax(-1), data["targets"][:, 0])
     heads = CerberusHeads(TINY, n_heads=3, reads_root=reads_root)
+    if draft_vocab:
+        heads.draft_over(draft_vocabulary(data["targets"], draft_vocab, TINY.vocab_size))
     prompt, tree = [40, 41, 42], Tree.chain(3)
     _, untrained = generate(model, prompt, 30, heads=heads, tree=tree)
     train_heads(heads, model.lm_head.weight, data, TrainConfig(**{**vars(cfg), "epochs": 20}))
@@ -97,9 +101,13 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     save_heads(path, heads, model, {"gate": {"threshold": 1.5}})
     assert os.listdir(tmp_path) == ["medusa.pt"]  # the temp file was renamed, not left behind
     loaded, ckpt = load_heads(path, model)
-    assert ckpt["gate"]["threshold"] == 1.5 and loaded.spec == heads.spec
+    assert ckpt["gate"]["threshold"] == 1.5 and loaded.spec == heads.spec and loaded.vocab is None
     for a, b in zip(heads.parameters(), loaded.parameters()):
         torch.testing.assert_close(a.half().float(), b)  # stored in half precision
+    heads.draft_over([2, 3, 255])
+    save_heads(path, heads, model, {})
+    assert torch.load(path, weights_only=True)["state_dict"]["vocab"].dtype == torch.long  # ids stay exact
+    assert load_heads(path, model)[0].vocab.tolist() == [2, 3, 255]
 
     with pytest.raises(ValueError, match="another backbone"):
         load_heads(path, tiny_gpt(seed=1))
@@ -111,6 +119,30 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
         load_heads(path, model)
     with pytest.raises(ValueError, match="no heads checkpoint"):
         load_heads(str(tmp_path / "missing.pt"), model)
+
+
+def test_draft_vocabulary_is_the_most_written_tokens_and_indexes_targets():
+    targets = head_targets(torch.tensor([7, 7, 7, 3, 3, 9, 200]), n_heads=2)  # column 0: the answer
+    assert draft_vocabulary(targets, 2, 256).tolist() == [3, 7]  # the two most frequent, sorted by id
+    vocab = draft_vocabulary(targets, 6, 256)
+    assert vocab.tolist() == [0, 1, 3, 7, 9, 200]  # all 4 seen, then the lowest unseen ids
+    heads = CerberusHeads(TINY, 2).draft_over(vocab)
+    assert draft_classes(heads, torch.tensor([9, 5, IGNORE, 0])).tolist() == [4, IGNORE, IGNORE, 0]
+
+
+def test_target_ranks_count_a_token_outside_the_draft_vocabulary_as_a_miss():
+    """A head whose target it cannot draft gets the worst rank (254), not a rank among other tokens;
+    a position without a target stays NO_TARGET."""
+    model = tiny_gpt()
+    heads = perturb(MedusaHeads(TINY, n_heads=2), 0)
+    targets = torch.tensor([[5, 6, 7], [6, 7, IGNORE]])
+    data = {"hidden": torch.randn(2, TINY.n_embd), "targets": targets}
+    whole = target_ranks(heads, model.lm_head.weight, data, 2)
+    heads.draft_over([6, 8, 9])  # holds head 1's first target (6), not head 2's (7) or head 1's second (7)
+    ranks = target_ranks(heads, model.lm_head.weight, data, 2)
+    assert ranks[1, 1] == whole[1, 1] == NO_TARGET
+    assert ranks[0, 1] == ranks[1, 0] == NO_TARGET - 1
+    assert ranks[0, 0] <= 2 and ranks[0, 0] <= whole[0, 0]  # ranked among the 3 drafted tokens only
 
 
 def test_checkpoint_from_before_deeper_cerberus_heads_loads(tmp_path):
@@ -153,7 +185,7 @@ def test_torchrun_ddp_on_two_cpu_processes(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py"), f"--gguf={tmp_path / 'tiny.gguf'}", f"--out_dir={out}",
            "--n_prompts=16", "--max_answer_tokens=8", "--batch_size=8", "--heads=cerberus", "--n_heads=2",
-           "--gen_dtype=float32"]
+           "--gen_dtype=float32", "--draft_vocab=100"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -161,7 +193,7 @@ def test_torchrun_ddp_on_two_cpu_processes(tmp_path):
     from model import load_gguf
     loaded, _ = load_gguf(str(tmp_path / "tiny.gguf"))
     heads, ckpt = load_heads(str(out / "cerberus.pt"), loaded)
-    assert heads.n_heads == 2 and "threshold" in ckpt["gate"]
+    assert heads.n_heads == 2 and "threshold" in ckpt["gate"] and len(heads.vocab) == 100
 
 
 def test_calibration_gates_off_the_hard_positions():
