@@ -35,9 +35,9 @@ def residual_blocks(z, weight, bias):
 
 class DraftHeads(nn.Module):
     """What Medusa and Cerberus heads share: their sizes, their spec (stored in checkpoints), their
-    draft vocabulary (optional) and the input state of every head. With reads_root=True (a variant, not in either paper) that state also
-    reads the backbone's own next token, known before any head runs: h + SiLU(P [h ; e] + b), e being
-    that token's lm_head row. Zero init: it starts as h."""
+    draft vocabulary (optional) and the input state of every head. With reads_root=True (a variant,
+    not in either paper) that state also reads the backbone's own next token, known before any head
+    runs: h + SiLU(P [h ; e] + b), e being that token's lm_head row. Zero init: it starts as h."""
 
     def __init__(self, config, kind, n_heads, n_layers, reads_root):
         super().__init__()

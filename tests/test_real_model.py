@@ -77,13 +77,13 @@ def test_random_heads_on_the_real_model_still_give_greedy_ar(smollm, kind):
 
 def test_shipped_heads_load_for_the_packaged_backbone(smollm):
     """Guards the README's first command: the committed heads load against the packaged SmolLM2
-    (same fingerprint), carry a usable gate, and decode losslessly."""
+    (same fingerprint), carry a usable gate and train.py's draft vocabulary, and decode losslessly."""
     model, tok = smollm
     prompt = chat_prompt(tok, "Name three primary colours.")
     reference, _ = generate(model, prompt, 16, eos_id=2)
     for name in ("cerberus", "medusa"):
         heads, ckpt = load_heads(os.path.join(ROOT, "heads", f"{name}.pt"), model)
-        assert heads.spec["kind"] == name and heads.n_heads == 4
+        assert heads.spec["kind"] == name and heads.n_heads == 4 and heads.n_draft_tokens == 16384
         tree = Tree(ckpt["gate"]["tree"])
         assert tree.max_depth <= heads.n_heads and ckpt["gate"]["threshold"] >= 0
         ids, _ = generate(model, prompt, 16, heads=heads, tree=tree, gate_threshold=ckpt["gate"]["threshold"], eos_id=2)
