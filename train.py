@@ -10,9 +10,10 @@ in the full recipe, requests the model writes itself); the hidden state that pre
 token is captured on the way, so head k at answer position i learns token i + k (the backbone's own
 greedy continuation). (2) The draft vocabulary: the tokens the backbone wrote most often in the
 training answers, the only ones the heads draft (a smaller lm_head, cheaper drafts and training).
-Each head set trains on the same data, steps and learning rate. (3) Held-out prompts give per-head top-1/top-5 accuracy, the tree that
-fits this device's step costs, and the entropy threshold of the gate. (4) Checkpoints, written
-atomically, carry the head spec, the gate and a fingerprint of the backbone.
+Each head set trains on the same data, steps and learning rate. (3) Held-out prompts give per-head
+top-1/top-5 accuracy, the tree that fits this device's step costs, and the entropy threshold of the
+gate. (4) Checkpoints, written atomically, carry the head spec, the gate and a fingerprint of the
+backbone.
 """
 import copy
 import json
