@@ -1,6 +1,6 @@
 """Train Medusa and Cerberus heads on a frozen backbone by self-distillation, and calibrate the gate.
 
-    python train.py                      # the quick recipe (2-core CPU: 7 min)
+    python train.py                      # the quick recipe (2-core CPU: 4 min)
     python train.py --recipe=full        # the papers' heads on the full data (2-core CPU: ~2 h)
     python train.py --recipe=full --heads=cerberus+root,medusa+root   # the shipped heads (a variant)
     torchrun --nproc_per_node=2 train.py --recipe=full     # DDP: NCCL on GPUs, gloo on CPUs
