@@ -100,16 +100,17 @@ def parse_tree(spec, gate):
     return Tree(ast.literal_eval(spec)) if spec.lstrip().startswith("[") else Tree.preset(spec)
 
 
-def recalibrate(head_sets, costs, lm_weight):
+def recalibrate(head_sets, costs, lm_weight, tree=None):
     """Re-choose each head set's tree and gate threshold for the step costs measured here, from the
     held-out entropies and target ranks stored in its checkpoint (train.calibrate): a tree that
-    pays on one device may lose on another. Returns new head sets (the checkpoints given are left
-    as they were); head sets without that data keep their stored gate."""
+    pays on one device may lose on another. With `tree` (--tree) only the threshold is chosen, for
+    that tree. Returns new head sets (the checkpoints given are left as they were); head sets
+    without that data keep their stored gate."""
     out = {}
     for name, (heads, ckpt) in head_sets.items():
         if "calibration" in ckpt:
             data = ckpt["calibration"]
-            gate = calibrate(data["ranks"], data["entropy"].float(), costs, draft_costs(heads, lm_weight))
+            gate = calibrate(data["ranks"], data["entropy"].float(), costs, draft_costs(heads, lm_weight), tree)
             ckpt = {**ckpt, "gate": gate}
             print(f"  {name} re-calibrated here: tree of {len(gate['tree']) + 1} nodes, threshold "
                   f"{gate['threshold']:.3f} nats, est. speedup {gate['est_speedup']:.2f}x")
@@ -320,10 +321,11 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
           f"| prompts {cfg.prompts or 'data/bench_prompts.jsonl'} | torch {torch.__version__}"
           + (f" | load avg {os.getloadavg()[0]:.1f}" if device.type == "cpu" else ""))
     model(torch.zeros(1, 8, dtype=torch.long, device=device))  # first call (compiles, with --compile)
-    costs = step_costs(model, STEP_SIZES)
+    fixed_tree = parse_tree(cfg.tree, gate=None) if cfg.tree else None  # else each checkpoint's own
+    costs = step_costs(model, sorted(set(STEP_SIZES) | {fixed_tree.n_nodes if fixed_tree else 1}))
     print_step_costs(costs, head_sets)
     if cfg.calibrate:
-        head_sets = recalibrate(head_sets, costs, lm_weight)
+        head_sets = recalibrate(head_sets, costs, lm_weight, fixed_tree)
     settings = {arm: arm_kwargs(arm, cfg, head_sets, eos_id, lm_weight) for arm in arms}
     warm = warm_up(model, prompts[0]["ids"], settings)
     print(f"warm-up, untimed{' (includes torch.compile)' if cfg.compile else ''}: "

@@ -394,14 +394,15 @@ def draft_costs(heads, lm_weight):
                     for d in range(1, heads.n_heads + 1)})
 
 
-def calibrate(ranks, gate_entropy, costs, drafting):
+def calibrate(ranks, gate_entropy, costs, drafting, tree=None):
     """Pick the tree and the entropy threshold that maximise estimated tokens per second.
 
     costs: {T: seconds} of a backbone forward; drafting: {depth: seconds} of the heads. For each
-    candidate tree size, the best tree for the measured rank accuracies (Tree.best); then, over
-    thresholds at entropy quantiles, speed = tokens / time where a position with entropy below the
-    threshold costs a tree step (drafts + forward) and yields 1 + accepted tokens, else an AR step
-    and 1 token. Positions stand in for steps: an estimate, which the benchmark then measures.
+    candidate tree size, the best tree for the measured rank accuracies (Tree.best), or only `tree`
+    when one is given (costs must then hold its size); then, over thresholds at entropy quantiles,
+    speed = tokens / time where a position with entropy below the threshold costs a tree step
+    (drafts + forward) and yields 1 + accepted tokens, else an AR step and 1 token. Positions stand
+    in for steps: an estimate, which the benchmark then measures.
     """
     max_depth = len(drafting)
     valid = ranks != NO_TARGET
@@ -409,11 +410,13 @@ def calibrate(ranks, gate_entropy, costs, drafting):
                        for r in range(10)] for k in range(max_depth)]
     quantiles = torch.quantile(gate_entropy, torch.linspace(0, 1, 21)).tolist()
     thresholds = [0.0] + quantiles[1:-1] + [math.inf]
+    if tree is not None and tree.max_depth > max_depth:
+        raise ValueError(f"tree depth {tree.max_depth} needs {tree.max_depth} heads, but only "
+                         f"{max_depth} are given: use a shallower tree or more heads")
+    candidates = [tree] if tree is not None else [Tree.best(accuracy_table, n) for n in sorted(costs) if n >= 2]
     best = None
-    for n in sorted(costs):
-        if n < 2:
-            continue
-        tree = Tree.best(accuracy_table, n)
+    for tree in candidates:
+        n = tree.n_nodes
         gain = 1 + accepted_lengths(ranks, tree).float()  # tokens a tree step would yield
         tree_cost = costs[n] + drafting[tree.max_depth]
         for threshold in thresholds:

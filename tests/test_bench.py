@@ -7,7 +7,7 @@ import torch
 
 import bench
 from bench import BenchConfig, load_prompts
-from cerberus import CerberusHeads, MedusaHeads
+from cerberus import CerberusHeads, MedusaHeads, Tree
 from conftest import TINY, perturb, tiny_gpt
 from train import save_heads
 
@@ -123,3 +123,21 @@ def test_recalibration_uses_the_stored_held_out_data_and_leaves_the_checkpoint_a
     gate = new["cerberus"][1]["gate"]
     assert ckpt["gate"]["threshold"] == 2.0 and gate is not ckpt["gate"]
     assert gate["step_costs"] == {str(k): v for k, v in costs.items()} and len(gate["tree"]) + 1 in costs
+
+
+def test_a_tree_given_by_flag_gets_a_threshold_of_its_own(tiny):
+    """--tree fixes the tree; bench then picks only the gate threshold, for that tree's measured cost.
+    Drafts right exactly below 1 nat and a tree step costing 1.5 AR steps: gate near 1 nat. A tree
+    deeper than the heads is refused before any timing."""
+    model, _, head_sets, _ = tiny
+    heads, ckpt = head_sets["cerberus"]
+    torch.manual_seed(0)
+    gate_entropy = torch.rand(2000) * 4
+    ranks = torch.where(gate_entropy[:, None] < 1.0, 0, 200).repeat(1, heads.n_heads).to(torch.uint8)
+    ckpt = {**ckpt, "calibration": {"ranks": ranks, "entropy": gate_entropy.half()}}
+    tree = Tree.chain(2)  # 3 nodes
+    costs = {1: 0.010, 3: 0.015}
+    gate = bench.recalibrate({"cerberus": (heads, ckpt)}, costs, model.lm_head.weight, tree)["cerberus"][1]["gate"]
+    assert Tree(gate["tree"]).paths == tree.paths and 0.5 < gate["threshold"] < 2.0
+    with pytest.raises(ValueError, match="tree depth 4 needs 4 heads"):
+        bench.recalibrate({"cerberus": (heads, ckpt)}, {1: 0.01, 5: 0.02}, model.lm_head.weight, Tree.chain(4))
