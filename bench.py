@@ -46,6 +46,7 @@ class BenchConfig:
     heads: str = ""  # directory holding cerberus.pt and medusa.pt; "" = the shipped heads/
     arms: str = "ar,medusa,cerberus,cerberus_nogate"  # "ar" always runs: it is the baseline
     threshold: float = -1.0  # entropy gate of the cerberus arm in nats; -1 = the calibrated one
+    gate_on: str = ""  # whose entropy the cerberus arm's gate reads: "" = the checkpoint's; "backbone" or "head1"
     draft_dtype: str = "bfloat16"  # heads and their lm_head copy; drafts change only the speed, never the output
     calibrate: bool = True  # choose each head set's tree and threshold from this device's step costs
     sweep: bool = False  # also run the cerberus arm over several gate thresholds
@@ -130,7 +131,7 @@ def arm_kwargs(arm, cfg, head_sets, eos_id, lm_weight):
     if arm == "cerberus":
         threshold = gate["threshold"] if cfg.threshold < 0 else cfg.threshold
     return dict(kwargs, heads=heads, tree=parse_tree(cfg.tree, gate), gate_threshold=threshold,
-                gate_on=gate.get("gate_on", "backbone"), draft_weight=heads.draft_weight(lm_weight))
+                gate_on=cfg.gate_on or gate.get("gate_on", "backbone"), draft_weight=heads.draft_weight(lm_weight))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,6 +300,8 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
     head_sets: {"medusa" | "cerberus": (heads, checkpoint dict with a "gate")}; default: cfg.heads/<name>.pt.
     """
     arms = parse_arms(cfg.arms)  # fail before the slow loading
+    if cfg.gate_on not in ("", "backbone", "head1"):
+        raise ValueError(f"unknown gate_on {cfg.gate_on!r}: use 'backbone' (next-token entropy) or 'head1'")
     torch.manual_seed(cfg.seed)
     device, dtype, draft_dtype = torch.device(cfg.device), getattr(torch, cfg.dtype), getattr(torch, cfg.draft_dtype)
     if model is None:

@@ -67,13 +67,15 @@ def test_every_arm_reproduces_ar_and_json_has_the_keys(tiny, capsys):
 
 
 def test_main_prints_json_last(tiny, tmp_path, capsys, monkeypatch):
-    """Guards the CLI path end to end: flag spellings, bare --sweep, heads loaded from a directory."""
+    """Guards the CLI path end to end: flag spellings, bare --sweep, heads loaded from a directory, a gate
+    on head 1's entropy (lossless too)."""
     model, tokenizer, head_sets, prompts = tiny
     for name, (heads, ckpt) in head_sets.items():
         save_heads(str(tmp_path / f"{name}.pt"), heads, model, ckpt)
     monkeypatch.setattr(bench, "load_smollm2", lambda: (model, tokenizer))
     bench.main([f"--prompts={prompts}", f"--heads={tmp_path}", "--max-new-tokens=6", "--n-prompts=1",
-                "--arms=ar,cerberus", "--tree=chain2", "--sweep", f"--out_dir={tmp_path}"])
+                "--arms=ar,cerberus", "--tree=chain2", "--gate_on=head1", "--threshold=3", "--sweep",
+                f"--out_dir={tmp_path}"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["n_prompts"] == 1 and summary["tree"] == "chain2" and list(summary["arms"]) == ["ar", "cerberus"]
     assert summary["arms"]["cerberus"]["match_rate"] == 1.0
@@ -98,10 +100,12 @@ def test_malformed_prompts_file_names_file_and_line(tiny, tmp_path, line):
         load_prompts(str(bad), tokenizer, 1)
 
 
-def test_unknown_arm_lists_valid_arms(tiny):
+def test_unknown_arm_or_gate_names_the_valid_ones(tiny):
     model, tokenizer, head_sets, prompts = tiny
     with pytest.raises(ValueError, match="cerberus_nogate"):
         bench.bench(BenchConfig(arms="ar,eagle", prompts=prompts), model, tokenizer, head_sets)
+    with pytest.raises(ValueError, match="'backbone' .* or 'head1'"):
+        bench.bench(BenchConfig(gate_on="head2", prompts=prompts), model, tokenizer, head_sets)
 
 
 def test_missing_heads_file_is_a_value_error(tiny, tmp_path):
