@@ -110,11 +110,13 @@ def recalibrate(head_sets, costs, lm_weight, tree=None):
     out = {}
     for name, (heads, ckpt) in head_sets.items():
         if "calibration" in ckpt:
-            data = ckpt["calibration"]
-            gate = calibrate(data["ranks"], data["entropy"].float(), costs, draft_costs(heads, lm_weight), tree)
+            data = ckpt["calibration"]  # heads trained before head-1 gates existed store only the backbone's
+            signals = {"backbone": data["entropy"].float()} | (
+                {"head1": data["head1_entropy"].float()} if "head1_entropy" in data else {})
+            gate = calibrate(data["ranks"], signals, costs, draft_costs(heads, lm_weight), tree)
             ckpt = {**ckpt, "gate": gate}
             print(f"  {name} re-calibrated here: tree of {len(gate['tree']) + 1} nodes, threshold "
-                  f"{gate['threshold']:.3f} nats, est. speedup {gate['est_speedup']:.2f}x")
+                  f"{gate['threshold']:.3f} nats on {gate['gate_on']}, est. speedup {gate['est_speedup']:.2f}x")
             print_entropy_curve(gate["entropy_curve"], gate["threshold"])
         out[name] = (heads, ckpt)
     return out
@@ -129,6 +131,9 @@ def arm_kwargs(arm, cfg, head_sets, eos_id, lm_weight):
     gate = ckpt["gate"]
     threshold = math.inf  # medusa and cerberus_nogate: always a parallel step
     if arm == "cerberus":
+        if cfg.gate_on not in ("", gate.get("gate_on", "backbone")) and cfg.threshold < 0:
+            raise ValueError(f"--gate_on={cfg.gate_on} needs --threshold: the calibrated one ({gate['threshold']:.3f} "
+                             f"nats) is for the {gate.get('gate_on', 'backbone')}'s entropy")
         threshold = gate["threshold"] if cfg.threshold < 0 else cfg.threshold
     return dict(kwargs, heads=heads, tree=parse_tree(cfg.tree, gate), gate_threshold=threshold,
                 gate_on=cfg.gate_on or gate.get("gate_on", "backbone"), draft_weight=heads.draft_weight(lm_weight))

@@ -325,6 +325,14 @@ def target_ranks(heads, lm_weight, data, n_heads, chunk=512):
     return torch.cat(ranks)
 
 
+@torch.no_grad()
+def head1_entropy(heads, lm_weight, data, chunk=512):
+    """(M,) entropy of head 1's draft distribution at each position: what a head-1 gate reads."""
+    draft_weight, rows = heads.draft_weight(lm_weight), range(0, len(data["targets"]), chunk)
+    return torch.cat([entropy(head_logits(heads, draft_weight, data["hidden"][i:i + chunk].float(), 1,
+                                          lm_weight[data["targets"][i:i + chunk, 0]])[0]).cpu() for i in rows])
+
+
 def accuracy(ranks):
     """Per-head top-1 and top-5, over positions where the head has a target."""
     valid = ranks != NO_TARGET
@@ -395,40 +403,43 @@ def draft_costs(heads, lm_weight):
 
 
 def calibrate(ranks, gate_entropy, costs, drafting, tree=None):
-    """Pick the tree and the entropy threshold that maximise estimated tokens per second.
+    """Pick the tree, the gate's signal and its threshold that maximise estimated tokens per second.
 
-    costs: {T: seconds} of a backbone forward; drafting: {depth: seconds} of the heads. For each
-    candidate tree size, the best tree for the measured rank accuracies (Tree.best), or only `tree`
-    when one is given (costs must then hold its size); then, over thresholds at entropy quantiles,
-    speed = tokens / time where a position with entropy below the threshold costs a tree step
-    (drafts + forward) and yields 1 + accepted tokens, else an AR step and 1 token. Positions stand
-    in for steps: an estimate, which the benchmark then measures.
+    gate_entropy: {gate_on: (M,) entropies} at the held-out positions, "backbone" (next-token
+    distribution) and optionally "head1" (head 1's); a bare tensor means the backbone's. costs:
+    {T: seconds} of a backbone forward; drafting: {depth: seconds} of the heads. For each candidate
+    tree size, the best tree for the measured rank accuracies (Tree.best), or only `tree` when one is
+    given (costs must then hold its size); then, for each signal and each threshold at its entropy
+    quantiles, speed = tokens / time where a position below the threshold costs a tree step (drafts +
+    forward) and yields 1 + accepted tokens, else an AR step and 1 token. A head-1 gate runs the heads
+    before it decides, so its AR steps pay the drafts too. Positions stand in for steps: an estimate,
+    which the benchmark then measures.
     """
+    signals = gate_entropy if isinstance(gate_entropy, dict) else {"backbone": gate_entropy}
     max_depth = len(drafting)
     valid = ranks != NO_TARGET
     accuracy_table = [[float(((ranks[:, k] == r) & valid[:, k]).float().sum() / valid[:, k].sum().clamp(min=1))
                        for r in range(10)] for k in range(max_depth)]
-    quantiles = torch.quantile(gate_entropy, torch.linspace(0, 1, 21)).tolist()
-    thresholds = [0.0] + quantiles[1:-1] + [math.inf]
     if tree is not None and tree.max_depth > max_depth:
         raise ValueError(f"tree depth {tree.max_depth} needs {tree.max_depth} heads, but only "
                          f"{max_depth} are given: use a shallower tree or more heads")
     candidates = [tree] if tree is not None else [Tree.best(accuracy_table, n) for n in sorted(costs) if n >= 2]
     best = None
-    for tree in candidates:
-        n = tree.n_nodes
+    for tree, (gate_on, signal) in [(t, s) for t in candidates for s in signals.items()]:
         gain = 1 + accepted_lengths(ranks, tree).float()  # tokens a tree step would yield
-        tree_cost = costs[n] + drafting[tree.max_depth]
-        for threshold in thresholds:
-            parallel = gate_entropy < threshold
+        tree_cost = costs[tree.n_nodes] + drafting[tree.max_depth]
+        ar_cost = costs[1] + (drafting[tree.max_depth] if gate_on == "head1" else 0.0)
+        quantiles = torch.quantile(signal, torch.linspace(0, 1, 21)).tolist()
+        for threshold in [0.0] + quantiles[1:-1] + [math.inf]:
+            parallel = signal < threshold
             tokens = torch.where(parallel, gain, torch.ones_like(gain)).sum()
-            seconds = parallel.sum() * tree_cost + (~parallel).sum() * costs[1]
-            speed = float(tokens / seconds)
+            seconds = parallel.sum() * tree_cost + (~parallel).sum() * (costs[1] if threshold == 0 else ar_cost)
+            speed = float(tokens / seconds)  # threshold 0: always AR, no heads run
             if best is None or speed > best["est_tok_s"]:
                 tau = float(gain[parallel].mean()) if parallel.any() else 1.0
-                best = {"tree": [list(p) for p in tree.paths], "threshold": threshold, "gate_on": "backbone",
+                best = {"tree": [list(p) for p in tree.paths], "threshold": threshold, "gate_on": gate_on,
                         "est_tok_s": speed, "est_speedup": speed * costs[1], "est_tau_parallel": tau,
-                        "entropy_curve": entropy_curve(gate_entropy, gain - 1)}
+                        "entropy_curve": entropy_curve(signal, gain - 1)}
     return {**best, "step_costs": {str(k): v for k, v in costs.items()},
             "draft_costs": {str(k): v for k, v in drafting.items()}, "accuracy_table": accuracy_table}
 
@@ -606,17 +617,19 @@ def train(cfg):
         if rank() != 0:
             continue
         ranks = target_ranks(heads, lm_weight, held_out, cfg.n_heads)
+        signals = {"backbone": gate_entropy, "head1": head1_entropy(heads, lm_weight, held_out)}
         result = {"params": parameter_count(heads), "train_seconds": round(seconds, 1),
                   "held_out": accuracy(ranks),
                   "held_out_by_source": {s: accuracy(r) for s, r in zip(data, ranks.split(held_out_sizes))},
-                  "gate": calibrate(ranks, gate_entropy, costs, draft_costs(heads, lm_weight))}
+                  "gate": calibrate(ranks, signals, costs, draft_costs(heads, lm_weight))}
         metrics["heads"][name] = result
-        calibration = {"entropy": gate_entropy.half(), "ranks": ranks}
+        calibration = {"entropy": gate_entropy.half(), "head1_entropy": signals["head1"].half(), "ranks": ranks}
         save_heads(os.path.join(cfg.out_dir, f"{name}.pt"), heads, model,
                    {"gate": result["gate"], "held_out": result["held_out"], "train_config": asdict(cfg),
                     "calibration": calibration})  # lets the benchmark re-calibrate for its own device
         print(f"{name}: {result['params']:,} params, {seconds:.0f}s, held-out {result['held_out']}, "
-              f"tree {len(result['gate']['tree']) + 1} nodes, threshold {result['gate']['threshold']:.3f}")
+              f"tree {len(result['gate']['tree']) + 1} nodes, threshold {result['gate']['threshold']:.3f} "
+              f"on {result['gate']['gate_on']}")
         print_entropy_curve(result["gate"]["entropy_curve"], result["gate"]["threshold"])
     if rank() == 0:
         write_atomically(os.path.join(cfg.out_dir, "metrics.json"),

@@ -106,6 +106,8 @@ def test_unknown_arm_or_gate_names_the_valid_ones(tiny):
         bench.bench(BenchConfig(arms="ar,eagle", prompts=prompts), model, tokenizer, head_sets)
     with pytest.raises(ValueError, match="'backbone' .* or 'head1'"):
         bench.bench(BenchConfig(gate_on="head2", prompts=prompts), model, tokenizer, head_sets)
+    with pytest.raises(ValueError, match="--gate_on=head1 needs --threshold"):
+        bench.bench(BenchConfig(gate_on="head1", arms="ar,cerberus", prompts=prompts), model, tokenizer, head_sets)
 
 
 def test_missing_heads_file_is_a_value_error(tiny, tmp_path):
@@ -145,3 +147,18 @@ def test_a_tree_given_by_flag_gets_a_threshold_of_its_own(tiny):
     assert Tree(gate["tree"]).paths == tree.paths and 0.5 < gate["threshold"] < 2.0
     with pytest.raises(ValueError, match="tree depth 4 needs 4 heads"):
         bench.recalibrate({"cerberus": (heads, ckpt)}, {1: 0.01, 5: 0.02}, model.lm_head.weight, Tree.chain(4))
+
+
+def test_recalibration_chooses_a_head1_gate_where_head1_entropy_separates(tiny):
+    """Checkpoints from train.py also store head 1's entropies: where they predict acceptance and the
+    backbone's do not, the re-calibrated gate reads head 1 (its AR steps priced with the drafts)."""
+    model, _, head_sets, _ = tiny
+    heads, ckpt = head_sets["cerberus"]
+    torch.manual_seed(0)
+    head1 = torch.rand(2000) * 4
+    ranks = torch.where(head1[:, None] < 1.0, 0, 200).repeat(1, heads.n_heads).to(torch.uint8)
+    ckpt = {**ckpt, "calibration": {"ranks": ranks, "entropy": (torch.rand(2000) * 4).half(),
+                                    "head1_entropy": head1.half()}}
+    new = bench.recalibrate({"cerberus": (heads, ckpt)}, {1: 0.010, 3: 0.015}, model.lm_head.weight, Tree.chain(2))
+    gate = new["cerberus"][1]["gate"]
+    assert gate["gate_on"] == "head1" and 0.5 < gate["threshold"] < 2.0

@@ -210,3 +210,19 @@ def test_calibration_gates_off_the_hard_positions():
     assert gate["est_speedup"] > 1.2  # gated: 1.30x; always AR: 1.00x; always parallel: 1.5 / 1.6 = 0.94x
     curve = gate["entropy_curve"]
     assert curve[0]["accepted"] == 2.0 and curve[-1]["accepted"] == 0.0
+
+
+def test_calibration_picks_the_signal_that_separates_and_prices_a_head1_gate():
+    """Given both signals, the gate reads the one that predicts acceptance (here head 1's). A head-1 gate
+    runs the heads before deciding, so when drafts cost as much as a forward no threshold of it pays:
+    the choice is then AR only (threshold 0, no heads), at exactly AR's speed."""
+    torch.manual_seed(0)
+    n = 4000
+    head1 = torch.rand(n) * 4
+    ranks = torch.where(head1[:, None] < 1.0, 0, 200).repeat(1, 2).to(torch.uint8)
+    signals = {"backbone": torch.rand(n) * 4, "head1": head1}  # the backbone's says nothing here
+    costs = {1: 1.0, 2: 1.4, 3: 1.5, 4: 1.6}
+    gate = calibrate(ranks, signals, costs, drafting={1: 0.05, 2: 0.1})
+    assert gate["gate_on"] == "head1" and 0.5 < gate["threshold"] < 2.0 and gate["est_speedup"] > 1.2
+    gate = calibrate(ranks, signals, costs, drafting={1: 1.0, 2: 1.0})
+    assert gate["threshold"] == 0.0 and gate["est_speedup"] == pytest.approx(1.0)
