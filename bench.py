@@ -110,9 +110,10 @@ def recalibrate(head_sets, costs, lm_weight, tree=None):
     out = {}
     for name, (heads, ckpt) in head_sets.items():
         if "calibration" in ckpt:
-            data = ckpt["calibration"]  # heads trained before head-1 gates existed store only the backbone's
-            signals = {"backbone": data["entropy"].float()} | (
-                {"head1": data["head1_entropy"].float()} if "head1_entropy" in data else {})
+            data = ckpt["calibration"]
+            signals = {"backbone": data["entropy"].float()}
+            if "head1_entropy" in data:  # heads trained before head-1 gates existed store only the backbone's
+                signals["head1"] = data["head1_entropy"].float()
             gate = calibrate(data["ranks"], signals, costs, draft_costs(heads, lm_weight), tree)
             ckpt = {**ckpt, "gate": gate}
             print(f"  {name} re-calibrated here: tree of {len(gate['tree']) + 1} nodes, threshold "

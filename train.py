@@ -11,11 +11,12 @@ token is captured on the way, so head k at answer position i learns token i + k 
 greedy continuation). (2) The draft vocabulary: the tokens the backbone wrote most often in the
 training answers, the only ones the heads draft (a smaller lm_head, cheaper drafts and training).
 Each head set trains on the same data, steps and learning rate. (3) Held-out prompts give per-head
-top-1/top-5 accuracy, the tree that fits this device's step costs, and the entropy threshold of the
-gate. (4) Checkpoints, written atomically, carry the head spec, the gate and a fingerprint of the
-backbone.
+top-1/top-5 accuracy, the tree that fits this device's step costs, and the gate: which entropy it
+reads (the backbone's or head 1's) and its threshold. (4) Checkpoints, written atomically, carry
+the head spec, the gate and a fingerprint of the backbone.
 """
 import copy
+import itertools
 import json
 import math
 import os
@@ -402,10 +403,10 @@ def draft_costs(heads, lm_weight):
                     for d in range(1, heads.n_heads + 1)})
 
 
-def calibrate(ranks, gate_entropy, costs, drafting, tree=None):
+def calibrate(ranks, entropies, costs, drafting, tree=None):
     """Pick the tree, the gate's signal and its threshold that maximise estimated tokens per second.
 
-    gate_entropy: {gate_on: (M,) entropies} at the held-out positions, "backbone" (next-token
+    entropies: {gate_on: (M,) entropies} at the held-out positions, "backbone" (next-token
     distribution) and optionally "head1" (head 1's); a bare tensor means the backbone's. costs:
     {T: seconds} of a backbone forward; drafting: {depth: seconds} of the heads. For each candidate
     tree size, the best tree for the measured rank accuracies (Tree.best), or only `tree` when one is
@@ -415,7 +416,7 @@ def calibrate(ranks, gate_entropy, costs, drafting, tree=None):
     before it decides, so its AR steps pay the drafts too. Positions stand in for steps: an estimate,
     which the benchmark then measures.
     """
-    signals = gate_entropy if isinstance(gate_entropy, dict) else {"backbone": gate_entropy}
+    signals = entropies if isinstance(entropies, dict) else {"backbone": entropies}
     max_depth = len(drafting)
     valid = ranks != NO_TARGET
     accuracy_table = [[float(((ranks[:, k] == r) & valid[:, k]).float().sum() / valid[:, k].sum().clamp(min=1))
@@ -425,10 +426,10 @@ def calibrate(ranks, gate_entropy, costs, drafting, tree=None):
                          f"{max_depth} are given: use a shallower tree or more heads")
     candidates = [tree] if tree is not None else [Tree.best(accuracy_table, n) for n in sorted(costs) if n >= 2]
     best = None
-    for tree, (gate_on, signal) in [(t, s) for t in candidates for s in signals.items()]:
-        gain = 1 + accepted_lengths(ranks, tree).float()  # tokens a tree step would yield
-        tree_cost = costs[tree.n_nodes] + drafting[tree.max_depth]
-        ar_cost = costs[1] + (drafting[tree.max_depth] if gate_on == "head1" else 0.0)
+    for candidate, (gate_on, signal) in itertools.product(candidates, signals.items()):
+        gain = 1 + accepted_lengths(ranks, candidate).float()  # tokens a tree step would yield
+        tree_cost = costs[candidate.n_nodes] + drafting[candidate.max_depth]
+        ar_cost = costs[1] + (drafting[candidate.max_depth] if gate_on == "head1" else 0.0)
         quantiles = torch.quantile(signal, torch.linspace(0, 1, 21)).tolist()
         for threshold in [0.0] + quantiles[1:-1] + [math.inf]:
             parallel = signal < threshold
@@ -437,7 +438,7 @@ def calibrate(ranks, gate_entropy, costs, drafting, tree=None):
             speed = float(tokens / seconds)  # threshold 0: always AR, no heads run
             if best is None or speed > best["est_tok_s"]:
                 tau = float(gain[parallel].mean()) if parallel.any() else 1.0
-                best = {"tree": [list(p) for p in tree.paths], "threshold": threshold, "gate_on": gate_on,
+                best = {"tree": [list(p) for p in candidate.paths], "threshold": threshold, "gate_on": gate_on,
                         "est_tok_s": speed, "est_speedup": speed * costs[1], "est_tau_parallel": tau,
                         "entropy_curve": entropy_curve(signal, gain - 1)}
     return {**best, "step_costs": {str(k): v for k, v in costs.items()},
@@ -604,8 +605,8 @@ def train(cfg):
                "draft_vocab": len(vocab) if vocab is not None else V, "held_out_in_draft_vocab": round(coverage, 4),
                "heads": {}}
 
-    gate_entropy = torch.cat([entropy(linear(h.to(device, lm_weight.dtype), lm_weight)).cpu()
-                              for h in held_out["hidden"].split(1024)])
+    backbone_entropy = torch.cat([entropy(linear(h.to(device, lm_weight.dtype), lm_weight)).cpu()
+                                  for h in held_out["hidden"].split(1024)])
     costs = step_costs(model, [1, 2, 3, 4, 6, 8, 16, 32, 64]) if rank() == 0 else {}
     for name in cfg.heads.split(","):
         heads = build_heads(model.config, head_set_spec(name, cfg.n_heads)).to(device)
@@ -617,13 +618,13 @@ def train(cfg):
         if rank() != 0:
             continue
         ranks = target_ranks(heads, lm_weight, held_out, cfg.n_heads)
-        signals = {"backbone": gate_entropy, "head1": head1_entropy(heads, lm_weight, held_out)}
+        signals = {"backbone": backbone_entropy, "head1": head1_entropy(heads, lm_weight, held_out)}
         result = {"params": parameter_count(heads), "train_seconds": round(seconds, 1),
                   "held_out": accuracy(ranks),
                   "held_out_by_source": {s: accuracy(r) for s, r in zip(data, ranks.split(held_out_sizes))},
                   "gate": calibrate(ranks, signals, costs, draft_costs(heads, lm_weight))}
         metrics["heads"][name] = result
-        calibration = {"entropy": gate_entropy.half(), "head1_entropy": signals["head1"].half(), "ranks": ranks}
+        calibration = {"entropy": backbone_entropy.half(), "head1_entropy": signals["head1"].half(), "ranks": ranks}
         save_heads(os.path.join(cfg.out_dir, f"{name}.pt"), heads, model,
                    {"gate": result["gate"], "held_out": result["held_out"], "train_config": asdict(cfg),
                     "calibration": calibration})  # lets the benchmark re-calibrate for its own device
