@@ -104,8 +104,8 @@ def parse_tree(spec, gate):
 def recalibrate(head_sets, costs, lm_weight, tree=None):
     """Re-choose each head set's tree and gate threshold for the step costs measured here, from the
     held-out entropies and target ranks stored in its checkpoint (train.calibrate): a tree that
-    pays on one device may lose on another. With `tree` (--tree) only the threshold is chosen, for
-    that tree. Returns new head sets (the checkpoints given are left as they were); head sets
+    pays on one device may lose on another. With `tree` (--tree) only the gate (signal, threshold) is
+    chosen, for that tree. Returns new head sets (the checkpoints given are left as they were); head sets
     without that data keep their stored gate."""
     out = {}
     for name, (heads, ckpt) in head_sets.items():

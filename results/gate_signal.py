@@ -19,10 +19,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench import load_prompts  # noqa: E402
-from cerberus import Tree, entropy, generate, head_logits  # noqa: E402
+from cerberus import Tree, entropy, generate  # noqa: E402
 from model import load_smollm2  # noqa: E402
-from train import (accepted_lengths, calibrate, draft_costs, head_targets, load_heads, print_entropy_curve,  # noqa: E402
-                   step_costs, target_ranks)
+from train import (accepted_lengths, calibrate, draft_costs, head1_entropy, head_targets, load_heads,  # noqa: E402
+                   print_entropy_curve, step_costs, target_ranks)
 
 
 @torch.no_grad()
@@ -45,9 +45,7 @@ def main():
         targets.append(head_targets(torch.tensor(answer), heads.n_heads))
     data = {"hidden": torch.cat(hidden), "targets": torch.cat(targets)}
     ranks = target_ranks(heads, lm_weight, data, heads.n_heads)
-    root_vec = lm_weight[data["targets"][:, 0]]
-    head1 = head_logits(heads, heads.draft_weight(lm_weight), data["hidden"].to(torch.bfloat16), 1, root_vec)[0]
-    signals = {"backbone": entropy(torch.cat(next_logits)), "head1": entropy(head1)}
+    signals = {"backbone": entropy(torch.cat(next_logits)), "head1": head1_entropy(heads, lm_weight, data)}
 
     costs = step_costs(model, [1, 4, 8, 16])
     drafting = draft_costs(heads, lm_weight)
