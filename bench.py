@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 ARMS = ("ar", "medusa", "cerberus", "cerberus_nogate")
 HEAD_SET = {"medusa": "medusa", "cerberus": "cerberus", "cerberus_nogate": "cerberus"}  # arm -> <name>.pt
 STEP_SIZES = [1, 2, 3, 4, 8, 16, 32, 64]  # tokens per forward for the step-cost curve
+STEP_PREFIX = 256  # cached tokens behind those forwards (train.step_costs)
 SWEEP_THRESHOLDS = [0.0, 0.5, 1.0, 2.0, 3.0, 4.0, math.inf]  # nats; the calibrated one is added
 
 
@@ -38,7 +39,7 @@ SWEEP_THRESHOLDS = [0.0, 0.5, 1.0, 2.0, 3.0, 4.0, math.inf]  # nats; the calibra
 class BenchConfig:
     device: str = "cpu"  # "cpu" or "cuda"
     dtype: str = "float32"  # backbone dtype, "float32" or "bfloat16" (bf16 trees may flip near-ties: see match)
-    compile: bool = False  # torch.compile the model's forward (first calls, in the warm-up, are reported apart)
+    compile: bool = False  # compile the decode steps on one static KV cache (CUDA graphs on a GPU); compiling is untimed
     tree: str = ""  # "" = each checkpoint's calibrated tree; a preset ("chain2", "sparse16"); or paths "[(0,), (0, 0)]"
     max_new_tokens: int = 128
     n_prompts: int = 24  # taken round-robin over the categories (24 = 3 each of 8); 0 = every prompt
@@ -123,9 +124,9 @@ def recalibrate(head_sets, costs, lm_weight, tree=None):
     return out
 
 
-def arm_kwargs(arm, cfg, head_sets, eos_id, lm_weight):
+def arm_kwargs(arm, cfg, head_sets, eos_id, lm_weight, cache=None):
     """generate() keyword arguments of one arm. Only the cerberus arm gates; the others always go parallel."""
-    kwargs = dict(max_new_tokens=cfg.max_new_tokens, eos_id=eos_id)
+    kwargs = dict(max_new_tokens=cfg.max_new_tokens, eos_id=eos_id, cache=cache)
     if arm == "ar":
         return kwargs
     heads, ckpt = head_sets[HEAD_SET[arm]]
@@ -146,12 +147,17 @@ def arm_kwargs(arm, cfg, head_sets, eos_id, lm_weight):
 Generation = namedtuple("Generation", "ids stats seconds")
 
 
-def prefill_seconds(model, ids, max_new_tokens):
-    """Time of what every generate() call does before decoding: allocate the cache, one forward over the prompt."""
+def prefill_seconds(model, ids, max_new_tokens, cache=None):
+    """Time of what every generate() call does before decoding: allocate the cache (unless one is
+    reused), one forward over the prompt."""
     device, dtype = model.embed.weight.device, model.embed.weight.dtype
     prompt = torch.tensor([ids], device=device)
-    size = len(ids) + max_new_tokens + 1
-    return timed(lambda: model(prompt, KVCache(model.config, size, device=device, dtype=dtype)))[1]
+
+    def prefill():
+        if cache is not None:
+            cache.length = 0
+        return model(prompt, cache or KVCache(model.config, len(ids) + max_new_tokens + 1, device=device, dtype=dtype))
+    return timed(prefill)[1]
 
 
 def run_arms(model, prompts, settings):
@@ -211,6 +217,27 @@ def report(runs, prompts, prefill):
                       by_category={c: sum(seconds["ar"][i] for i in idx) / sum(seconds[arm][i] for i in idx)
                                    for c, idx in categories.items()})
             for arm, gens in runs.items()}
+
+
+PEAK_BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100", 2.0e12)]  # bytes/s
+
+
+def roofline(model, card, ar, mean_context):
+    """AR decode against the memory roofline of a known GPU (DESIGN §7), else None. One AR step reads
+    every weight once (a tied lm_head is the embedding: one read) and the K/V of the context; at the
+    card's peak bandwidth that gives the fastest possible tok/s, and the measured AR tok/s over it
+    the MBU (model bandwidth utilisation)."""
+    bandwidth = next((bw for name, bw in PEAK_BANDWIDTH if name in card), None)
+    if bandwidth is None:
+        return None
+    cfg = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied matrix counts once
+    if not cfg.tie_embeddings:  # an untied embedding is only looked up, one row per token
+        weights -= model.embed.weight.numel() * model.embed.weight.element_size()
+    kv = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * model.embed.weight.element_size() * mean_context
+    step_bytes = weights + kv
+    return {"card": card, "peak_tb_s": bandwidth / 1e12, "bytes_per_ar_step": round(step_bytes),
+            "ar_roofline_tok_s": round(bandwidth / step_bytes, 1), "ar_mbu": round(ar["tok_s"] * step_bytes / bandwidth, 4)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,6 +335,8 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
     arms = parse_arms(cfg.arms)  # fail before the slow loading
     if cfg.gate_on not in ("", "backbone", "head1"):
         raise ValueError(f"unknown gate_on {cfg.gate_on!r}: use 'backbone' (next-token entropy) or 'head1'")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device={cfg.device}, but this PyTorch sees no CUDA GPU; use --device=cpu")
     torch.manual_seed(cfg.seed)
     device, dtype, draft_dtype = torch.device(cfg.device), getattr(torch, cfg.dtype), getattr(torch, cfg.draft_dtype)
     if model is None:
@@ -321,26 +350,29 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
         head_sets = {name: load_heads(os.path.join(head_dir, f"{name}.pt"), model) for name in sorted(needed)}
     head_sets = {name: (heads.to(device, draft_dtype), ckpt) for name, (heads, ckpt) in head_sets.items()}
     lm_weight = model.lm_head.weight.to(draft_dtype)  # what the heads draft through, cast once, not per call
-    if cfg.compile:  # dynamic: prompt, cache and tree sizes vary; a static compile would recompile per size
-        model.forward = torch.compile(model.forward, dynamic=True)
+    cache = None  # with --compile: one static cache for every call, so compiled steps keep their shapes
+    if cfg.compile:
+        model.compile_steps(mode="reduce-overhead" if device.type == "cuda" else "default")
+        longest = max(len(p["ids"]) for p in prompts) + cfg.max_new_tokens
+        cache = KVCache(model.config, max(longest, STEP_PREFIX) + max(STEP_SIZES) + 1, device=device,
+                        dtype=dtype, static=True)
 
     conditions = {"device": device_name(device), "dtype": cfg.dtype, "compile": cfg.compile,
                   "tree": cfg.tree or "calibrated", "n_prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens}
     print(f"bench | {' | '.join(f'{k} {v}' for k, v in conditions.items())} | drafts {cfg.draft_dtype} "
           f"| prompts {cfg.prompts or 'data/bench_prompts.jsonl'} | torch {torch.__version__}"
           + (f" | load avg {os.getloadavg()[0]:.1f}" if device.type == "cpu" else ""))
-    model(torch.zeros(1, 8, dtype=torch.long, device=device))  # first call (compiles, with --compile)
     fixed_tree = parse_tree(cfg.tree, gate=None) if cfg.tree else None  # else each checkpoint's own
-    costs = step_costs(model, sorted(set(STEP_SIZES) | {fixed_tree.n_nodes if fixed_tree else 1}))
+    costs = step_costs(model, sorted(set(STEP_SIZES) | {fixed_tree.n_nodes if fixed_tree else 1}), cache=cache)
     print_step_costs(costs, head_sets)
     if cfg.calibrate:
         head_sets = recalibrate(head_sets, costs, lm_weight, fixed_tree)
-    settings = {arm: arm_kwargs(arm, cfg, head_sets, eos_id, lm_weight) for arm in arms}
+    settings = {arm: arm_kwargs(arm, cfg, head_sets, eos_id, lm_weight, cache) for arm in arms}
     warm = warm_up(model, prompts[0]["ids"], settings)
     print(f"warm-up, untimed{' (includes torch.compile)' if cfg.compile else ''}: "
           + ", ".join(f"{arm} {s:.2f}s" for arm, s in warm.items()))
 
-    prefill = [prefill_seconds(model, p["ids"], cfg.max_new_tokens) for p in prompts]
+    prefill = [prefill_seconds(model, p["ids"], cfg.max_new_tokens, cache) for p in prompts]
     print(f"prefill (a bare forward, once per prompt; subtracted for decode tok/s): "
           f"mean {1e3 * sum(prefill) / len(prefill):.1f} ms")
     runs = run_arms(model, prompts, settings)
@@ -350,10 +382,15 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
     for name, acc in heads_seen.items():
         print(f"{name} heads on these prompts' AR answers, top-1 / top-5: "
               + "  ".join(f"{k} {a['top1']:.3f} / {a['top5']:.3f}" for k, a in acc.items()))
+    mean_context = sum(len(p["ids"]) for p in prompts) / len(prompts) + results["ar"]["new_tokens"] / len(prompts) / 2
+    roof = roofline(model, conditions["device"], results["ar"], mean_context)
+    if roof:
+        print(f"roofline ({roof['card']}, {roof['peak_tb_s']} TB/s): an AR step reads {roof['bytes_per_ar_step'] / 1e6:.1f} MB, "
+              f"so AR could reach {roof['ar_roofline_tok_s']:.0f} tok/s; measured {results['ar']['tok_s']:.0f} (MBU {roof['ar_mbu']:.3f})")
     summary = dict(conditions, arms={arm: dict(r, warmup_s=warm[arm]) for arm, r in results.items()},
-                   head_accuracy=heads_seen)
+                   head_accuracy=heads_seen, roofline=roof)
     if cfg.sweep:
-        summary["sweep"] = sweep_gate(model, prompts, arm_kwargs("cerberus", cfg, head_sets, eos_id, lm_weight),
+        summary["sweep"] = sweep_gate(model, prompts, arm_kwargs("cerberus", cfg, head_sets, eos_id, lm_weight, cache),
                                       prefill)
         print_sweep(summary["sweep"], cfg.out_dir)
     print(json.dumps(summary))  # last line of stdout

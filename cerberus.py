@@ -311,7 +311,7 @@ def check_request(model, prompt, max_new_tokens, heads, tree, gate_on):
 
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens, heads=None, tree=None, gate_threshold=float("inf"),
-             eos_id=None, gate_on="backbone", trace=False, draft_weight=None):
+             eos_id=None, gate_on="backbone", trace=False, draft_weight=None, cache=None):
     """Greedy decoding of one prompt; returns (new token ids, Stats). Without heads: plain AR.
 
     With heads: at each step, if the entropy of the gate's distribution (`gate_on`: "backbone",
@@ -319,6 +319,8 @@ def generate(model, prompt_ids, max_new_tokens, heads=None, tree=None, gate_thre
     (0 = always AR, inf = always parallel). The ids are those of greedy AR whatever the heads do.
     draft_weight: the lm_head rows the heads draft through, heads.draft_weight(lm_head weight) cast
     to the heads' dtype; made here by default (pass it to make that copy once, not in every call).
+    cache: a KVCache to decode into, from slot 0 (default: a fresh one sized for this call). One static
+    cache reused by every call keeps the shapes of compiled steps fixed (GPT.compile_steps).
     """
     device = model.embed.weight.device
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
@@ -334,8 +336,13 @@ def generate(model, prompt_ids, max_new_tokens, heads=None, tree=None, gate_thre
             raise ValueError(f"draft_weight has {len(draft_weight)} rows but the heads draft over "
                              f"{heads.n_draft_tokens} tokens: pass heads.draft_weight(model.lm_head.weight)")
 
-    cache = KVCache(model.config, len(prompt) + max_new_tokens + (tree.n_nodes if tree else 1),
-                    device=device, dtype=model.embed.weight.dtype)
+    needed = len(prompt) + max_new_tokens + (tree.n_nodes if tree else 1)
+    if cache is None:
+        cache = KVCache(model.config, needed, device=device, dtype=model.embed.weight.dtype)
+    elif cache.max_len < needed:
+        raise ValueError(f"the KV cache has {cache.max_len} slots but this call needs {needed} (prompt + "
+                         f"max_new_tokens + tree nodes): allocate a larger KVCache")
+    cache.length = 0
     logits, hidden = model(prompt[None], cache)  # prefill
     cache.length = len(prompt)
     next_logits, last_hidden = logits[0, -1], hidden[0, -1]  # (V,), (C,) at the last accepted token

@@ -45,13 +45,21 @@ class KVCache:
     `length` counts committed tokens. A forward writes the K/V of its T new tokens at
     [length, length + T) but never moves `length`: the caller decides what to keep, either all of
     them (`length += T`) or some tree slots (`keep`). Rejected slots are simply overwritten later.
+
+    static=True keeps every shape fixed for CUDA graphs (`GPT.compile_steps`): the forward writes
+    at slot indices held in a tensor and attends over all max_len slots, its mask hiding those not
+    yet written, instead of slicing at the Python int `length` (a new shape at every step).
     """
 
-    def __init__(self, config, max_len, batch_size=1, device="cpu", dtype=torch.float32):
+    def __init__(self, config, max_len, batch_size=1, device="cpu", dtype=torch.float32, static=False):
         shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
+        self.static = static
+        if static:  # the buffers never move: compiled CUDA graphs may write into them in place
+            torch._dynamo.mark_static_address(self.k)
+            torch._dynamo.mark_static_address(self.v)
 
     @property
     def max_len(self):
@@ -135,17 +143,20 @@ class Attention(nn.Module):
         self.v_proj = Linear(C, config.n_kv_head * D)
         self.o_proj = Linear(config.n_head * D, C)
 
-    def forward(self, x, cos, sin, kv, start, mask):
+    def forward(self, x, cos, sin, kv, slots, mask):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, G, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is not None:  # write the new keys/values into the cache, attend over prefix + new
-            cache_k, cache_v = kv
-            cache_k[:, :, start:start + T] = k
-            cache_v[:, :, start:start + T] = v
-            k, v = cache_k[:, :, :start + T], cache_v[:, :, :start + T]  # (B, G, S, D)
+            cache_k, cache_v = kv  # (B, G, max_len, D)
+            cache_k[:, :, slots] = k  # slots: slice(L, L + T), or (T,) indices for a static cache
+            cache_v[:, :, slots] = v
+            if isinstance(slots, slice):  # a static cache is attended whole (its mask hides empty slots)
+                k, v = cache_k[:, :, :slots.stop], cache_v[:, :, :slots.stop]  # (B, G, S, D)
+            else:
+                k, v = cache_k, cache_v
         causal = True if mask is None and T > 1 else False  # a branch, not bool(): compile with dynamic T
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -170,8 +181,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv, start, mask):
-        x = x + self.attn(self.attn_norm(x), cos, sin, kv, start, mask)
+    def forward(self, x, cos, sin, kv, slots, mask):
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv, slots, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -198,6 +209,7 @@ class GPT(nn.Module):
         cos, sin = rotary_table(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.compiled_step = None  # set by compile_steps
         self.apply(self._init_weights)
 
     @staticmethod
@@ -219,15 +231,33 @@ class GPT(nn.Module):
         pos = self.positions(T, cache, pos)
         if mask is None and start > 0 and T > 1:
             mask = causal_mask(T, start, idx.device)
+        slots = slice(start, start + T)  # where the new K/V go
+        if cache is not None and cache.static:  # fixed shapes: slot indices, a mask over every slot
+            slots = torch.arange(start, start + T, device=idx.device)
+            mask = causal_mask(T, start, idx.device) if mask is None else mask  # (..., T, L + T)
+            mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], cache.max_len - start - T)], -1)
+        compiled = self.compiled_step is not None and start > 0  # decode steps only, not the prefill
+        return (self.compiled_step if compiled else self.layers)(idx, pos, mask, cache, slots)
 
+    def layers(self, idx, pos, mask, cache, slots):
+        """The network itself, once forward has placed the new tokens (what compile_steps compiles)."""
         x = self.embed(idx)  # (B, T, C)
         cos, sin = self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype)  # (T, D/2)
         for i, block in enumerate(self.blocks):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x = block(x, cos, sin, kv, start, mask)
+            x = block(x, cos, sin, kv, slots, mask)
         hidden = self.norm(x)
         logits = self.lm_head(hidden)  # (B, T, V)
         return logits, hidden
+
+    def compile_steps(self, mode="reduce-overhead"):
+        """torch.compile the decode steps: every forward of new tokens after a cached prefix (AR steps,
+        tree steps). The prefill stays eager: its length changes with every prompt. With a static
+        KVCache the steps have fixed shapes, and mode="reduce-overhead" replays them as CUDA graphs
+        (one graph per step size), which removes the per-kernel launch cost that dominates a small
+        model's decode step on a GPU. Outputs equal eager ones on the same dtype (tests)."""
+        self.compiled_step = torch.compile(self.layers, mode=mode)
+        return self
 
     def positions(self, T, cache, pos):
         """The rotary positions of T new tokens (default: right after the cache), checked to fit."""

@@ -385,10 +385,13 @@ def fastest(calls, rounds=7):
 
 
 @torch.no_grad()
-def step_costs(model, sizes, n_cached=256):
-    """{T: seconds} for one backbone forward of T new tokens on a cached prefix (lm_head included)."""
+def step_costs(model, sizes, n_cached=256, cache=None):
+    """{T: seconds} for one backbone forward of T new tokens on a cached prefix (lm_head included).
+    cache: the KVCache to measure in (a compiled model's static one); default a fresh one."""
     device, V = model.embed.weight.device, model.config.vocab_size
-    cache = KVCache(model.config, n_cached + max(sizes), device=device, dtype=model.embed.weight.dtype)
+    if cache is None:
+        cache = KVCache(model.config, n_cached + max(sizes), device=device, dtype=model.embed.weight.dtype)
+    cache.length = 0
     model(torch.randint(0, V, (1, n_cached), device=device), cache)
     cache.length = n_cached
     tokens = {T: torch.randint(0, V, (1, T), device=device) for T in sizes}

@@ -66,6 +66,33 @@ def test_every_arm_reproduces_ar_and_json_has_the_keys(tiny, capsys):
     assert 0.0 <= summary["head_accuracy"]["cerberus"]["head1"]["top1"] <= 1.0
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit internals that inductor imports
+def test_compiled_arms_reproduce_ar(tiny):
+    """--compile: compiled decode steps on one static cache shared by the step-cost curve and every
+    arm; the tokens stay AR's."""
+    model, tokenizer, head_sets, prompts = tiny
+    cfg = BenchConfig(prompts=prompts, max_new_tokens=12, draft_dtype="float32", compile=True,
+                      arms="ar,cerberus", out_dir="")
+    summary = bench.bench(cfg, model, tokenizer, head_sets)
+    assert summary["compile"] is True
+    assert all(r["match_rate"] == 1.0 for r in summary["arms"].values())
+
+
+def test_roofline_counts_each_weight_once_and_knows_the_cards():
+    """Guards the MBU arithmetic: a tied lm_head is read once, an untied embedding only row by row,
+    plus the K/V of the context; unknown devices get no roofline rather than a guessed one."""
+    model = tiny_gpt(0, CONFIG)  # untied, float32
+    params = sum(p.numel() for p in model.parameters()) - model.embed.weight.numel()
+    kv = 2 * CONFIG.n_layer * CONFIG.n_kv_head * CONFIG.head_dim * 100
+    roof = bench.roofline(model, "NVIDIA H100 80GB HBM3", {"tok_s": 1000.0}, mean_context=100)
+    assert roof["bytes_per_ar_step"] == 4 * (params + kv)
+    assert roof["ar_roofline_tok_s"] == round(3.35e12 / roof["bytes_per_ar_step"], 1)
+    assert roof["ar_mbu"] == round(1000.0 * 4 * (params + kv) / 3.35e12, 4)
+    assert bench.roofline(model, "NVIDIA H200", {"tok_s": 1.0}, 100)["peak_tb_s"] == 4.8
+    assert bench.roofline(model, "NVIDIA H100 PCIe", {"tok_s": 1.0}, 100)["peak_tb_s"] == 2.0
+    assert bench.roofline(model, "AMD EPYC (2 cores)", {"tok_s": 1.0}, 100) is None
+
+
 def test_main_prints_json_last(tiny, tmp_path, capsys, monkeypatch):
     """Guards the CLI path end to end: flag spellings, bare --sweep, heads loaded from a directory, a gate
     on head 1's entropy (lossless too)."""
@@ -100,7 +127,7 @@ def test_malformed_prompts_file_names_file_and_line(tiny, tmp_path, line):
         load_prompts(str(bad), tokenizer, 1)
 
 
-def test_unknown_arm_or_gate_names_the_valid_ones(tiny):
+def test_unknown_arm_gate_or_device_is_a_clear_error(tiny):
     model, tokenizer, head_sets, prompts = tiny
     with pytest.raises(ValueError, match="cerberus_nogate"):
         bench.bench(BenchConfig(arms="ar,eagle", prompts=prompts), model, tokenizer, head_sets)
@@ -108,6 +135,9 @@ def test_unknown_arm_or_gate_names_the_valid_ones(tiny):
         bench.bench(BenchConfig(gate_on="head2", prompts=prompts), model, tokenizer, head_sets)
     with pytest.raises(ValueError, match="--gate_on=head1 needs --threshold"):
         bench.bench(BenchConfig(gate_on="head1", arms="ar,cerberus", prompts=prompts), model, tokenizer, head_sets)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA GPU; use --device=cpu"):
+            bench.bench(BenchConfig(device="cuda", prompts=prompts), model, tokenizer, head_sets)
 
 
 def test_missing_heads_file_is_a_value_error(tiny, tmp_path):

@@ -127,24 +127,48 @@ def test_cpu_linear_equals_f_linear(shape):
     assert layer(x).shape == (*shape[:-1], 40)
 
 
+@torch.no_grad()
+def test_static_cache_forward_equals_the_sliced_one(model):
+    """A static cache writes at slot indices and attends over every slot, the unwritten ones masked:
+    prefill, a causal chunk, one token and a tree-shaped mask give the sliced cache's logits, and
+    stale K/V past the committed length (a reused cache) change nothing."""
+    idx = torch.randint(0, 256, (1, 14))
+    tree_mask = causal_mask(3, 11)
+    tree_mask[2, 12] = False  # node 2 does not see node 1: siblings
+    outputs = []
+    for static in (False, True):
+        cache = KVCache(CONFIG, 24, static=static)
+        cache.k.normal_(), cache.v.normal_()  # garbage in unwritten slots
+        steps = [model(idx[:, :6], cache)]
+        cache.length = 6
+        steps.append(model(idx[:, 6:10], cache))
+        cache.length = 10
+        steps.append(model(idx[:, 10:11], cache))
+        cache.length = 11
+        steps.append(model(idx[:, 11:14], cache, pos=torch.tensor([11, 12, 12]), mask=tree_mask))
+        outputs.append([logits for logits, _ in steps])
+    for sliced, static in zip(*outputs):
+        torch.testing.assert_close(static, sliced, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit internals that inductor imports
 @torch.no_grad()
-def test_compiled_forward_with_dynamic_shapes_decodes_like_eager():
-    """What `bench.py --compile` does: torch.compile(forward, dynamic=True). Every block compiles
-    whole (fullgraph) for symbolic T, with and without a mask, and tree decoding over prompts of two
-    lengths gives eager greedy AR's tokens. (A SymBool passed as SDPA's is_causal once sent every
-    attention back to eager without a word.)"""
+def test_compiled_steps_on_a_reused_static_cache_decode_like_eager():
+    """What `bench.py --compile` does: compile_steps, and one static cache for every call. AR and tree
+    decoding over prompts of two lengths give eager greedy AR's tokens, with no recompilation after
+    the first call of each kind (fixed shapes; on a GPU, CUDA graphs replay them)."""
     from cerberus import CerberusHeads, Tree
     from conftest import perturb
     model = tiny_gpt()
-    block = torch.compile(model.blocks[0], fullgraph=True, dynamic=True)
-    cos, sin = model.rope_cos[:5], model.rope_sin[:5]
-    for T, mask in [(5, None), (2, causal_mask(2, 0))]:
-        x = torch.randn(1, T, CONFIG.n_embd)
-        torch.testing.assert_close(block(x, cos[-T:], sin[-T:], None, 0, mask),
-                                   model.blocks[0](x, cos[-T:], sin[-T:], None, 0, mask))
-    heads = perturb(CerberusHeads(CONFIG, 4), 0)
+    heads, tree = perturb(CerberusHeads(CONFIG, 4), 0), Tree.preset("sparse8")
     prompts = [[1, 2, 3, 4, 5], [9, 8, 7, 6, 5, 4, 3]]
     reference = [generate(model, p, 12)[0] for p in prompts]
-    model.forward = torch.compile(model.forward, dynamic=True)
-    assert [generate(model, p, 12, heads=heads, tree=Tree.preset("sparse8"))[0] for p in prompts] == reference
+    model.compile_steps(mode="default")  # reduce-overhead needs CUDA; the graphs are the same
+    cache = KVCache(CONFIG, 32, static=True)
+    torch._dynamo.utils.counters.clear()
+    for p, expected in zip(prompts, reference):
+        assert generate(model, p, 12, cache=cache)[0] == expected
+        assert generate(model, p, 12, heads=heads, tree=tree, cache=cache)[0] == expected
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # AR step and tree step
+    with pytest.raises(ValueError, match="allocate a larger KVCache"):
+        generate(model, list(range(30)), 12, cache=cache)
