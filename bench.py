@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from cerberus import Tree, generate
-from model import KVCache, chat_prompt, load_smollm2
+from model import KVCache, cache_for, chat_prompt, load_smollm2
 from train import (accuracy, calibrate, draft_costs, head_targets, load_heads, parse_cli, print_entropy_curve,
                    step_costs, target_ranks, timed)
 
@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 ARMS = ("ar", "medusa", "cerberus", "cerberus_nogate")
 HEAD_SET = {"medusa": "medusa", "cerberus": "cerberus", "cerberus_nogate": "cerberus"}  # arm -> <name>.pt
 STEP_SIZES = [1, 2, 3, 4, 8, 16, 32, 64]  # tokens per forward for the step-cost curve
-STEP_PREFIX = 256  # cached tokens behind those forwards (train.step_costs)
+STEP_PREFIX = 256  # cached tokens behind each of those forwards
 SWEEP_THRESHOLDS = [0.0, 0.5, 1.0, 2.0, 3.0, 4.0, math.inf]  # nats; the calibrated one is added
 
 
@@ -150,14 +150,8 @@ Generation = namedtuple("Generation", "ids stats seconds")
 def prefill_seconds(model, ids, max_new_tokens, cache=None):
     """Time of what every generate() call does before decoding: allocate the cache (unless one is
     reused), one forward over the prompt."""
-    device, dtype = model.embed.weight.device, model.embed.weight.dtype
-    prompt = torch.tensor([ids], device=device)
-
-    def prefill():
-        if cache is not None:
-            cache.length = 0
-        return model(prompt, cache or KVCache(model.config, len(ids) + max_new_tokens + 1, device=device, dtype=dtype))
-    return timed(prefill)[1]
+    prompt = torch.tensor([ids], device=model.embed.weight.device)
+    return timed(lambda: model(prompt, cache_for(model, len(ids) + max_new_tokens + 1, cache)))[1]
 
 
 def run_arms(model, prompts, settings):
@@ -256,7 +250,7 @@ def device_name(device):
 def print_step_costs(costs, head_sets):
     """This device's cost of a T-token forward, and each checkpoint's calibration beside it: the
     calibrated tree and threshold only pay if the step costs here resemble those at training time."""
-    print("step cost of one forward of T tokens on a 256-token cache:")
+    print(f"step cost of one forward of T tokens on a {STEP_PREFIX}-token cache:")
     print("\n".join(f"  T={T:<3d} {1e3 * s:8.2f} ms  {s / costs[1]:5.2f}x T=1" for T, s in costs.items()))
     for name, (heads, ckpt) in head_sets.items():
         gate, n = ckpt["gate"], len(ckpt["gate"]["tree"]) + 1
@@ -350,20 +344,20 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
         head_sets = {name: load_heads(os.path.join(head_dir, f"{name}.pt"), model) for name in sorted(needed)}
     head_sets = {name: (heads.to(device, draft_dtype), ckpt) for name, (heads, ckpt) in head_sets.items()}
     lm_weight = model.lm_head.weight.to(draft_dtype)  # what the heads draft through, cast once, not per call
+    fixed_tree = parse_tree(cfg.tree, gate=None) if cfg.tree else None  # else each checkpoint's own
+    sizes = sorted(set(STEP_SIZES) | {fixed_tree.n_nodes if fixed_tree else 1})  # trees are chosen among these
     cache = None  # with --compile: one static cache for every call, so compiled steps keep their shapes
     if cfg.compile:
         model.compile_steps(mode="reduce-overhead" if device.type == "cuda" else "default")
         longest = max(len(p["ids"]) for p in prompts) + cfg.max_new_tokens
-        cache = KVCache(model.config, max(longest, STEP_PREFIX) + max(STEP_SIZES) + 1, device=device,
-                        dtype=dtype, static=True)
+        cache = KVCache(model.config, max(longest, STEP_PREFIX) + max(sizes), device=device, dtype=dtype, static=True)
 
     conditions = {"device": device_name(device), "dtype": cfg.dtype, "compile": cfg.compile,
                   "tree": cfg.tree or "calibrated", "n_prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens}
     print(f"bench | {' | '.join(f'{k} {v}' for k, v in conditions.items())} | drafts {cfg.draft_dtype} "
           f"| prompts {cfg.prompts or 'data/bench_prompts.jsonl'} | torch {torch.__version__}"
           + (f" | load avg {os.getloadavg()[0]:.1f}" if device.type == "cpu" else ""))
-    fixed_tree = parse_tree(cfg.tree, gate=None) if cfg.tree else None  # else each checkpoint's own
-    costs = step_costs(model, sorted(set(STEP_SIZES) | {fixed_tree.n_nodes if fixed_tree else 1}), cache=cache)
+    costs = step_costs(model, sizes, STEP_PREFIX, cache)
     print_step_costs(costs, head_sets)
     if cfg.calibrate:
         head_sets = recalibrate(head_sets, costs, lm_weight, fixed_tree)

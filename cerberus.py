@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import KVCache, linear
+from model import cache_for, linear
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,13 +336,7 @@ def generate(model, prompt_ids, max_new_tokens, heads=None, tree=None, gate_thre
             raise ValueError(f"draft_weight has {len(draft_weight)} rows but the heads draft over "
                              f"{heads.n_draft_tokens} tokens: pass heads.draft_weight(model.lm_head.weight)")
 
-    needed = len(prompt) + max_new_tokens + (tree.n_nodes if tree else 1)
-    if cache is None:
-        cache = KVCache(model.config, needed, device=device, dtype=model.embed.weight.dtype)
-    elif cache.max_len < needed:
-        raise ValueError(f"the KV cache has {cache.max_len} slots but this call needs {needed} (prompt + "
-                         f"max_new_tokens + tree nodes): allocate a larger KVCache")
-    cache.length = 0
+    cache = cache_for(model, len(prompt) + max_new_tokens + (tree.n_nodes if tree else 1), cache)
     logits, hidden = model(prompt[None], cache)  # prefill
     cache.length = len(prompt)
     next_logits, last_hidden = logits[0, -1], hidden[0, -1]  # (V,), (C,) at the last accepted token

@@ -78,6 +78,17 @@ class KVCache:
         self.length += n
 
 
+def cache_for(model, n_slots, cache=None):
+    """An empty KVCache with at least n_slots for this model: `cache` emptied for reuse (one static
+    cache reused by every call keeps compiled shapes fixed), else a fresh one of n_slots."""
+    if cache is None:
+        return KVCache(model.config, n_slots, device=model.embed.weight.device, dtype=model.embed.weight.dtype)
+    if cache.max_len < n_slots:
+        raise ValueError(f"the KV cache has {cache.max_len} slots but {n_slots} are needed: allocate a larger KVCache")
+    cache.length = 0
+    return cache
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cerberus import Tree, build_heads, entropy, head_logits, parameter_count
-from model import KVCache, chat_prompt, linear, load_gguf, load_smollm2
+from model import KVCache, cache_for, chat_prompt, linear, load_gguf, load_smollm2
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 IGNORE = -100  # target index that cross_entropy skips (past the end of an answer)
@@ -389,9 +389,7 @@ def step_costs(model, sizes, n_cached=256, cache=None):
     """{T: seconds} for one backbone forward of T new tokens on a cached prefix (lm_head included).
     cache: the KVCache to measure in (a compiled model's static one); default a fresh one."""
     device, V = model.embed.weight.device, model.config.vocab_size
-    if cache is None:
-        cache = KVCache(model.config, n_cached + max(sizes), device=device, dtype=model.embed.weight.dtype)
-    cache.length = 0
+    cache = cache_for(model, n_cached + max(sizes), cache)
     model(torch.randint(0, V, (1, n_cached), device=device), cache)
     cache.length = n_cached
     tokens = {T: torch.randint(0, V, (1, T), device=device) for T in sizes}
