@@ -258,6 +258,7 @@ def print_step_costs(costs, head_sets):
         ratio = lambda c: f"{c[n] / c[1]:.2f}x" if n in c and 1 in c else "?"  # noqa: E731
         spec = heads.spec
         kind = (f"{spec['kind']}, {spec['n_layers']} block(s)" + (", reads the root token" if spec["reads_root"] else "")
+                + (", token link" if spec.get("link") == "token" else "")
                 + f", drafts over {heads.n_draft_tokens} tokens")
         print(f"  {name} checkpoint ({kind}): tree of {n} nodes, threshold {gate['threshold']:.3f} nats (gate on "
               f"{gate.get('gate_on', 'backbone')}), est. speedup {gate.get('est_speedup', math.nan):.2f}x; "

@@ -22,8 +22,8 @@ from model import cache_for, linear
 # ----------------------------------------------------------------------------------------------
 # Heads. Head k (k = 1..K) guesses the token k steps after the backbone's own next token, from the
 # backbone's last hidden state h (and, in the reads_root variant, from that next token too). Both
-# kinds run all K heads in one batched matmul over stacked weights and share the backbone's lm_head,
-# so they only add small C x C matrices.
+# kinds run their blocks for all heads in one batched matmul over stacked weights and share the
+# backbone's lm_head, so they only add small C x C matrices. A head set maps h to draft logits.
 
 def residual_blocks(z, weight, bias):
     """Each head's stack of Medusa blocks z_k <- z_k + SiLU(W_k z_k + b_k), all heads in one batched
@@ -68,6 +68,10 @@ class DraftHeads(nn.Module):
         (V, C). With a vocabulary it is a copy: make it once per model, not at every step."""
         return lm_weight if self.vocab is None else lm_weight[self.vocab].contiguous()
 
+    def project(self, states, draft_weight, hidden):
+        """Every head's state through the shared lm_head in one matmul: (n, M, C) -> (n, ..., D)."""
+        return linear(states.to(draft_weight.dtype), draft_weight).reshape(len(states), *hidden.shape[:-1], -1)
+
     def input_state(self, hidden, root_vec):
         """hidden, root_vec (..., C) -> (M, C), M positions. root_vec may be None for the papers' heads."""
         h = hidden.reshape(-1, self.n_embd)
@@ -88,37 +92,55 @@ class MedusaHeads(DraftHeads):
         self.weight = nn.Parameter(torch.zeros(n_layers, n_heads, C, C))
         self.bias = nn.Parameter(torch.zeros(n_layers, n_heads, C))
 
-    def forward(self, hidden, root_vec=None):
-        """hidden, root_vec (..., C) -> (K, ..., C): one state per head, for the shared lm_head."""
+    def forward(self, hidden, draft_weight, n, root_vec=None):
+        """hidden, root_vec (..., C), draft_weight (D, C) -> draft logits of heads 1..n, (n, ..., D)."""
         h = self.input_state(hidden, root_vec)  # (M, C)
-        z = residual_blocks(h.expand(self.n_heads, *h.shape), self.weight, self.bias)  # (K, M, C)
-        return z.reshape(self.n_heads, *hidden.shape)
+        z = residual_blocks(h.expand(n, *h.shape), self.weight[:, :n], self.bias[:, :n])  # (n, M, C)
+        return self.project(z, draft_weight, hidden)
 
 
 class CerberusHeads(DraftHeads):
     """Heads with the sequential-knowledge link inside (DESIGN §1).
 
     stage 1:  z_k = h, then n_layers Medusa blocks z_k = z_k + SiLU(W_k z_k)   (our reading: one)
-              z_0 = h                                  head 1's "previous head" is the backbone
-    stage 2:  s_k = z_k + SiLU(A_k [z_k ; z_{k-1}])      head k also sees what head k-1 computed
-    Zero init makes every head start as h itself. All K heads are still one batched pass.
+    stage 2:  s_k = z_k + SiLU(A_k [z_k ; x_{k-1}])      head k also sees what head k-1 did
+    Zero init makes every head start as h itself. What x_{k-1} is, is the `link`:
+      "hidden" (our reading of the paper): x_{k-1} = z_{k-1}, what head k-1 computed; x_0 = h.
+               All heads in one batched pass.
+      "token"  (a variant, measured better): x_{k-1} = the lm_head row of head k-1's top-1 draft,
+               what head k-1 decided; x_0 = the root's row. Heads run one after another (each needs
+               its predecessor's argmax), but it is still one pass over the heads, with no backbone
+               forward in between, unlike Hydra's heads, which read the tree's tokens.
     """
 
-    def __init__(self, config, n_heads=4, n_layers=1, reads_root=False):
+    def __init__(self, config, n_heads=4, n_layers=1, reads_root=False, link="hidden"):
         super().__init__(config, "cerberus", n_heads, n_layers, reads_root)
+        if link not in ("hidden", "token"):
+            raise ValueError(f"unknown Cerberus link {link!r}; expected 'hidden' or 'token'")
+        self.spec["link"] = link
         C = config.n_embd
         self.w1 = nn.Parameter(torch.zeros(n_layers, n_heads, C, C))
         self.b1 = nn.Parameter(torch.zeros(n_layers, n_heads, C))
         self.w2 = nn.Parameter(torch.zeros(n_heads, C, 2 * C))
         self.b2 = nn.Parameter(torch.zeros(n_heads, C))
 
-    def forward(self, hidden, root_vec=None):
-        """hidden, root_vec (..., C) -> (K, ..., C)."""
+    def forward(self, hidden, draft_weight, n, root_vec=None):
+        """hidden, root_vec (..., C), draft_weight (D, C) -> draft logits of heads 1..n, (n, ..., D)."""
         h = self.input_state(hidden, root_vec)  # (M, C)
-        z = residual_blocks(h.expand(self.n_heads, -1, -1), self.w1, self.b1)  # (K, M, C): stage 1
-        z_prev = torch.cat([h[None], z[:-1]])  # (K, M, C): z_{k-1}, with z_0 = h
-        s = z + F.silu(torch.cat([z, z_prev], -1) @ self.w2.mT + self.b2[:, None])  # (K, M, C)
-        return s.reshape(self.n_heads, *hidden.shape)
+        z = residual_blocks(h.expand(n, *h.shape), self.w1[:, :n], self.b1[:, :n])  # (n, M, C): stage 1
+        if self.spec["link"] == "hidden":
+            z_prev = torch.cat([h[None], z[:-1]])  # (n, M, C): z_{k-1}, with z_0 = h
+            s = z + F.silu(torch.cat([z, z_prev], -1) @ self.w2[:n].mT + self.b2[:n, None])  # (n, M, C)
+            return self.project(s, draft_weight, hidden)
+        if root_vec is None:
+            raise ValueError("token-linked Cerberus heads start from the root token: pass root_vec, the lm_head "
+                             "row of the backbone's next token (head_logits(..., root_vec=lm_weight[ids]))")
+        x_prev, logits = root_vec.reshape(h.shape), []
+        for k in range(n):
+            s_k = z[k] + F.silu(torch.cat([z[k], x_prev], -1) @ self.w2[k].mT + self.b2[k])  # (M, C)
+            logits.append(linear(s_k.to(draft_weight.dtype), draft_weight))  # (M, D)
+            x_prev = draft_weight[logits[-1].argmax(-1)].to(h.dtype)  # (M, C): head k's top-1, for head k+1
+        return torch.stack(logits).reshape(n, *hidden.shape[:-1], -1)
 
 
 def build_heads(config, spec):
@@ -140,13 +162,12 @@ def head_logits(heads, draft_weight, hidden, n, root_vec=None):
 
     draft_weight: heads.draft_weight(lm_head weight), (D, C); logit j scores token heads.vocab[j]
     (token j without a draft vocabulary, D = V). root_vec (..., C): the lm_head row of the backbone's
-    own next token at each position (a tree's root); heads built with reads_root=True need it, the
-    papers' heads ignore it. Heads and draft_weight may be in a cheaper dtype than the backbone
-    (bfloat16, say): drafts never change the output.
+    own next token at each position (a tree's root); heads built with reads_root=True and token-linked
+    Cerberus heads need it, the papers' heads ignore it. Heads and draft_weight may be in a cheaper
+    dtype than the backbone (bfloat16, say): drafts never change the output.
     """
     dtype = next(heads.parameters()).dtype
-    states = heads(hidden.to(dtype), None if root_vec is None else root_vec.to(dtype))[:n]
-    return linear(states.to(draft_weight.dtype), draft_weight)
+    return heads(hidden.to(dtype), draft_weight, n, None if root_vec is None else root_vec.to(dtype))
 
 
 def entropy(logits):

@@ -2,7 +2,7 @@
 
     python train.py                      # the quick recipe (2-core CPU: 4 min)
     python train.py --recipe=full        # the papers' heads on the full data (2-core CPU: ~2 h)
-    python train.py --recipe=full --heads=cerberus+root,medusa+root   # the shipped heads (a variant)
+    python train.py --recipe=full --heads=cerberus+token+root,medusa+root   # the shipped heads (variants)
     torchrun --nproc_per_node=2 train.py --recipe=full     # DDP: NCCL on GPUs, gloo on CPUs
 
 Steps: (1) the backbone answers training prompts greedily, batched (the project's templates and,
@@ -525,14 +525,18 @@ def setup_distributed():
 
 def head_set_spec(name, n_heads):
     """'cerberus' | 'medusa', optionally followed by N, the residual blocks per head (stage 1 of a
-    Cerberus head), and by '+root' for the variant whose heads also read the backbone's own next
-    token: 'medusa3', 'cerberus2', 'cerberus+root' -> head spec dict."""
-    base = name.removesuffix("+root")
+    Cerberus head), then variants: '+root' (every head also reads the backbone's own next token) and,
+    for Cerberus, '+token' (the link carries head k-1's top-1 token): 'medusa3', 'cerberus+token+root'
+    -> head spec dict."""
+    base, *variants = name.split("+")
     for kind in ("cerberus", "medusa"):
         depth = base.removeprefix(kind)
-        if base.startswith(kind) and (depth == "" or depth.isdigit()):
-            return dict(kind=kind, n_heads=n_heads, n_layers=int(depth or 1), reads_root=name.endswith("+root"))
-    raise ValueError(f"unknown head set {name!r}; use cerberus, medusa, cerberusN or medusaN, each optionally +root")
+        known = {"root", "token"} if kind == "cerberus" else {"root"}
+        if base.startswith(kind) and (depth == "" or depth.isdigit()) and set(variants) <= known:
+            spec = dict(kind=kind, n_heads=n_heads, n_layers=int(depth or 1), reads_root="root" in variants)
+            return spec | (dict(link="token" if "token" in variants else "hidden") if kind == "cerberus" else {})
+    raise ValueError(f"unknown head set {name!r}; use cerberus, medusa, cerberusN or medusaN, each optionally "
+                     f"+root, and Cerberus +token")
 
 
 SOURCES = {  # prompt source -> the config fields that define its data (the first is its prompt count)

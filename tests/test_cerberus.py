@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import cerberus
 from cerberus import CerberusHeads, MedusaHeads, Tree, generate, parameter_count, verify
@@ -22,7 +23,8 @@ TREES = {**{name: Tree.preset(name) for name in ["chain1", "chain4", "sparse8", 
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("kind,spec", [(MedusaHeads, {}), (CerberusHeads, {}), (CerberusHeads, dict(n_layers=2)),
-                                       (CerberusHeads, dict(reads_root=True)), (MedusaHeads, dict(reads_root=True))])
+                                       (CerberusHeads, dict(reads_root=True)), (MedusaHeads, dict(reads_root=True)),
+                                       (CerberusHeads, dict(link="token")), (CerberusHeads, dict(link="token", reads_root=True))])
 def test_every_tree_gate_and_eos_reproduces_greedy_ar(seed, kind, spec):
     """The central promise: verification never lets a wrong draft through, nor loses a token."""
     model = tiny_gpt(seed)
@@ -136,12 +138,21 @@ def test_verify_picks_deepest_fully_correct_path():
     assert verify(tokens, target, tree).tolist() == [0]
 
 
+def states(heads, h, root_vec=None):
+    """Each head's final state, (K, M, C): its logits through an identity 'lm_head' (D = C)."""
+    return heads(h, torch.eye(TINY.n_embd), heads.n_heads, root_vec)
+
+
 def test_heads_share_no_parameters_and_start_as_identity():
-    for heads in (MedusaHeads(TINY, 4, n_layers=2), CerberusHeads(TINY, 4), CerberusHeads(TINY, 4, reads_root=True)):
+    for heads in (MedusaHeads(TINY, 4, n_layers=2), CerberusHeads(TINY, 4), CerberusHeads(TINY, 4, reads_root=True),
+                  CerberusHeads(TINY, 4, link="token")):
         ptrs = [p.data_ptr() for p in heads.parameters()]
         assert len(ptrs) == len(set(ptrs))
         h, root_vec = torch.randn(3, TINY.n_embd), torch.randn(3, TINY.n_embd)
-        assert torch.equal(heads(h, root_vec), h.expand(4, 3, TINY.n_embd))  # zero init: every head returns h
+        assert torch.equal(states(heads, h, root_vec), h.expand(4, 3, TINY.n_embd))  # zero init: every head is h
+        lm_weight = torch.randn(TINY.vocab_size, TINY.n_embd)
+        for n in (1, 4):  # the first n heads, through the shared lm_head
+            torch.testing.assert_close(heads(h, lm_weight, n, root_vec), (h @ lm_weight.T).expand(n, 3, -1))
     # Cerberus: 4 heads x (C*C + 2C*C) weights; a 3-block Medusa matches it (but for one bias per head)
     cerberus_size, medusa3_size = parameter_count(CerberusHeads(TINY, 4)), parameter_count(MedusaHeads(TINY, 4, 3))
     assert medusa3_size - cerberus_size == 4 * TINY.n_embd
@@ -152,17 +163,39 @@ def test_cerberus_head_k_reads_head_k_minus_1():
     through anything but head 2 — and Medusa heads stay independent."""
     h, root_vec = torch.randn(5, TINY.n_embd), torch.randn(5, TINY.n_embd)
     heads = perturb(CerberusHeads(TINY, 4), 0)
-    before = heads(h, root_vec)
+    before = states(heads, h, root_vec)
     with torch.no_grad():
         heads.w1[0, 0] += 0.5  # (layer, head)
-    after = heads(h, root_vec)
+    after = states(heads, h, root_vec)
     assert not torch.allclose(before[0], after[0]) and not torch.allclose(before[1], after[1])
     assert torch.equal(before[2], after[2]) and torch.equal(before[3], after[3])
     medusa = perturb(MedusaHeads(TINY, 4), 0)
-    before = medusa(h, root_vec)
+    before = states(medusa, h, root_vec)
     with torch.no_grad():
         medusa.weight[0, 0] += 0.5
-    assert torch.equal(before[1:], medusa(h, root_vec)[1:])
+    assert torch.equal(before[1:], states(medusa, h, root_vec)[1:])
+
+
+def test_token_link_reads_the_previous_heads_top_token_only():
+    """link='token': head 1 reads the root's lm_head row; head k > 1 reads the row of head k-1's
+    argmax, and nothing else of head k-1 (a change that keeps that argmax leaves head k alone)."""
+    torch.manual_seed(0)
+    h, lm_weight = torch.randn(1, TINY.n_embd), torch.randn(TINY.vocab_size, TINY.n_embd)
+    heads = perturb(CerberusHeads(TINY, 3, link="token"), 0)
+    root = lm_weight[5:6]
+    logits = heads(h, lm_weight, 3, root)  # (3, 1, V)
+    top1 = logits.argmax(-1)[:, 0]
+    with torch.no_grad():
+        heads.b2[0] += 1e-4 * torch.randn(TINY.n_embd)  # head 1 moves a little: its argmax stays
+    again = heads(h, lm_weight, 3, root)
+    assert not torch.equal(logits[0], again[0]) and again.argmax(-1)[0, 0] == top1[0]
+    torch.testing.assert_close(logits[1:], again[1:])
+    # head 2's logits equal a one-step evaluation that is handed head 1's top token as its "root"
+    z2 = h + F.silu(h @ heads.w1[0, 1].T + heads.b1[0, 1])  # head 2's stage 1
+    expected = (z2 + F.silu(torch.cat([z2, lm_weight[top1[0]][None]], -1) @ heads.w2[1].T + heads.b2[1])) @ lm_weight.T
+    torch.testing.assert_close(again[1], expected)
+    with pytest.raises(ValueError, match="root_vec"):
+        heads(h, lm_weight, 3)
 
 
 def test_only_the_root_reading_variant_reads_the_root():
@@ -170,11 +203,12 @@ def test_only_the_root_reading_variant_reads_the_root():
     h, root_vec, other = torch.randn(3, TINY.n_embd), torch.randn(3, TINY.n_embd), torch.randn(3, TINY.n_embd)
     for kind in (MedusaHeads, CerberusHeads):
         paper, variant = perturb(kind(TINY, 4), 0), perturb(kind(TINY, 4, reads_root=True), 0)
-        assert torch.equal(paper(h, root_vec), paper(h, other)) and torch.equal(paper(h), paper(h, other))
-        changed = (variant(h, root_vec) - variant(h, other)).abs().amax(dim=(1, 2))  # (K,)
+        assert torch.equal(states(paper, h, root_vec), states(paper, h, other))
+        assert torch.equal(states(paper, h), states(paper, h, other))
+        changed = (states(variant, h, root_vec) - states(variant, h, other)).abs().amax(dim=(1, 2))  # (K,)
         assert (changed > 1e-3).all()
         with pytest.raises(ValueError, match="read the root token"):
-            variant(h)
+            states(variant, h)
 
 
 def test_bad_input_is_a_value_error():

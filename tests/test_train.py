@@ -63,8 +63,9 @@ class ByteTokenizer:  # the two methods self_distill needs, for a model without 
         return [1] if text == "<|im_end|>" else list(text.encode())[:8]
 
 
-@pytest.mark.parametrize("reads_root,draft_vocab", [(False, 0), (True, 0), (True, 128)])
-def test_brief_training_raises_accepted_length(monkeypatch, reads_root, draft_vocab):
+@pytest.mark.parametrize("spec,draft_vocab", [({}, 0), (dict(reads_root=True), 0), (dict(reads_root=True), 128),
+                                              (dict(link="token"), 128)])
+def test_brief_training_raises_accepted_length(monkeypatch, spec, draft_vocab):
     """Heads trained on a predictable backbone must be accepted: tau well above 1 — and the
     backbone stays bit-identical through training. Also with a draft vocabulary of half the tokens
     (the ones the answers use), which the loss and the drafts must both index the same way."""
@@ -78,7 +79,7 @@ def test_brief_training_raises_accepted_length(monkeypatch, reads_root, draft_vo
     # Each row's root (column 0) is the backbone's own choice from that row's hidden state, as in
     # generate(), where the heads read argmax(lm_head(last_hidden)): the variant trains on what it sees.
     assert torch.equal(model.lm_head(data["hidden"].float()).argmax(-1), data["targets"][:, 0])
-    heads = CerberusHeads(TINY, n_heads=3, reads_root=reads_root)
+    heads = CerberusHeads(TINY, n_heads=3, **spec)
     if draft_vocab:
         heads.draft_over(draft_vocabulary(data["targets"], draft_vocab, TINY.vocab_size))
     prompt, tree = [40, 41, 42], Tree.chain(3)
@@ -157,8 +158,8 @@ def test_checkpoint_from_before_deeper_cerberus_heads_loads(tmp_path):
     old["state_dict"]["w1"], old["state_dict"]["b1"] = old["state_dict"]["w1"][0], old["state_dict"]["b1"][0]
     torch.save(old, path)
     loaded, _ = load_heads(path, model)
-    hidden, root_vec = torch.randn(5, TINY.n_embd), torch.randn(5, TINY.n_embd)
-    torch.testing.assert_close(loaded(hidden, root_vec), heads.half().float()(hidden, root_vec))
+    hidden, lm_weight = torch.randn(5, TINY.n_embd), model.lm_head.weight
+    torch.testing.assert_close(loaded(hidden, lm_weight, 3), heads.half().float()(hidden, lm_weight, 3))
 
 
 def test_cli_overrides_and_recipes():
@@ -168,11 +169,14 @@ def test_cli_overrides_and_recipes():
         parse_cli(TrainConfig, ["--learning_rate=1"])
     with pytest.raises(ValueError, match="unknown recipe"):
         train_config({"recipe": "huge"})
-    assert head_set_spec("cerberus2", 4) == dict(kind="cerberus", n_heads=4, n_layers=2, reads_root=False)
+    assert head_set_spec("cerberus2", 4) == dict(kind="cerberus", n_heads=4, n_layers=2, reads_root=False, link="hidden")
+    assert head_set_spec("cerberus+token+root", 4) == dict(kind="cerberus", n_heads=4, n_layers=1, reads_root=True,
+                                                           link="token")
     assert head_set_spec("medusa", 4) == dict(kind="medusa", n_heads=4, n_layers=1, reads_root=False)
     assert head_set_spec("medusa3+root", 4) == dict(kind="medusa", n_heads=4, n_layers=3, reads_root=True)
-    with pytest.raises(ValueError, match="unknown head set"):
-        head_set_spec("hydra", 4)
+    for name in ("hydra", "medusa+token", "cerberus+roots"):
+        with pytest.raises(ValueError, match="unknown head set"):
+            head_set_spec(name, 4)
 
 
 def test_torchrun_ddp_on_two_cpu_processes(tmp_path):
