@@ -107,8 +107,9 @@ class CerberusHeads(DraftHeads):
     Zero init makes every head start as h itself. What x_{k-1} is, is the `link`:
       "hidden" (our reading of the paper): x_{k-1} = z_{k-1}, what head k-1 computed; x_0 = h.
                All heads in one batched pass.
-      "token"  (a variant, measured better): x_{k-1} = the lm_head row of head k-1's top-1 draft,
-               what head k-1 decided; x_0 = the root's row. Heads run one after another (each needs
+      "token"  (a variant, measured better): x_{k-1} = p e, e the lm_head row of head k-1's top-1
+               draft (what head k-1 decided) and p its probability (how sure it was); x_0 = the
+               root's row. Heads run one after another (each needs
                its predecessor's argmax), but it is still one pass over the heads, with no backbone
                forward in between, unlike Hydra's heads, which read the tree's tokens.
     """
@@ -139,7 +140,8 @@ class CerberusHeads(DraftHeads):
         for k in range(n):
             s_k = z[k] + F.silu(torch.cat([z[k], x_prev], -1) @ self.w2[k].mT + self.b2[k])  # (M, C)
             logits.append(linear(s_k.to(draft_weight.dtype), draft_weight))  # (M, D)
-            x_prev = draft_weight[logits[-1].argmax(-1)].to(h.dtype)  # (M, C): head k's top-1, for head k+1
+            p_top, top = logits[-1].detach().float().softmax(-1).max(-1)  # (M,): head k's top-1 and its probability
+            x_prev = (p_top[:, None] * draft_weight[top].float()).to(h.dtype)  # (M, C): for head k+1
         return torch.stack(logits).reshape(n, *hidden.shape[:-1], -1)
 
 
