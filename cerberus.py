@@ -109,9 +109,9 @@ class CerberusHeads(DraftHeads):
                All heads in one batched pass.
       "token"  (a variant, measured better): x_{k-1} = p e, e the lm_head row of head k-1's top-1
                draft (what head k-1 decided) and p its probability (how sure it was); x_0 = the
-               root's row. Heads run one after another (each needs
-               its predecessor's argmax), but it is still one pass over the heads, with no backbone
-               forward in between, unlike Hydra's heads, which read the tree's tokens.
+               root's row. Heads run one after another (each needs its predecessor's argmax),
+               but it is still one pass over the heads, with no backbone forward in between,
+               unlike Hydra's heads, which read the tree's tokens.
     """
 
     def __init__(self, config, n_heads=4, n_layers=1, reads_root=False, link="hidden"):
@@ -140,7 +140,7 @@ class CerberusHeads(DraftHeads):
         for k in range(n):
             s_k = z[k] + F.silu(torch.cat([z[k], x_prev], -1) @ self.w2[k].mT + self.b2[k])  # (M, C)
             logits.append(linear(s_k.to(draft_weight.dtype), draft_weight))  # (M, D)
-            p_top, top = logits[-1].detach().float().softmax(-1).max(-1)  # (M,): head k's top-1 and its probability
+            p_top, top = logits[-1].detach().float().softmax(-1).max(-1)  # (M,): head k's top-1, its probability
             x_prev = (p_top[:, None] * draft_weight[top].float()).to(h.dtype)  # (M, C): for head k+1
         return torch.stack(logits).reshape(n, *hidden.shape[:-1], -1)
 
