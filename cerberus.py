@@ -68,9 +68,10 @@ class DraftHeads(nn.Module):
         (V, C). With a vocabulary it is a copy: make it once per model, not at every step."""
         return lm_weight if self.vocab is None else lm_weight[self.vocab].contiguous()
 
-    def project(self, states, draft_weight, hidden):
-        """Every head's state through the shared lm_head in one matmul: (n, M, C) -> (n, ..., D)."""
-        return linear(states.to(draft_weight.dtype), draft_weight).reshape(len(states), *hidden.shape[:-1], -1)
+    @staticmethod
+    def project(states, draft_weight):
+        """Head states through the shared lm_head (D, C): (..., C) -> (..., D), in draft_weight's dtype."""
+        return linear(states.to(draft_weight.dtype), draft_weight)
 
     def input_state(self, hidden, root_vec):
         """hidden, root_vec (..., C) -> (M, C), M positions. root_vec may be None for the papers' heads."""
@@ -93,10 +94,10 @@ class MedusaHeads(DraftHeads):
         self.bias = nn.Parameter(torch.zeros(n_layers, n_heads, C))
 
     def forward(self, hidden, draft_weight, n, root_vec=None):
-        """hidden, root_vec (..., C), draft_weight (D, C) -> draft logits of heads 1..n, (n, ..., D)."""
+        """hidden, root_vec (..., C), draft_weight (D, C) -> draft logits of heads 1..n, (n, M, D)."""
         h = self.input_state(hidden, root_vec)  # (M, C)
         z = residual_blocks(h.expand(n, *h.shape), self.weight[:, :n], self.bias[:, :n])  # (n, M, C)
-        return self.project(z, draft_weight, hidden)
+        return self.project(z, draft_weight)
 
 
 class CerberusHeads(DraftHeads):
@@ -126,23 +127,23 @@ class CerberusHeads(DraftHeads):
         self.b2 = nn.Parameter(torch.zeros(n_heads, C))
 
     def forward(self, hidden, draft_weight, n, root_vec=None):
-        """hidden, root_vec (..., C), draft_weight (D, C) -> draft logits of heads 1..n, (n, ..., D)."""
+        """hidden, root_vec (..., C), draft_weight (D, C) -> draft logits of heads 1..n, (n, M, D)."""
         h = self.input_state(hidden, root_vec)  # (M, C)
         z = residual_blocks(h.expand(n, *h.shape), self.w1[:, :n], self.b1[:, :n])  # (n, M, C): stage 1
         if self.spec["link"] == "hidden":
             z_prev = torch.cat([h[None], z[:-1]])  # (n, M, C): z_{k-1}, with z_0 = h
             s = z + F.silu(torch.cat([z, z_prev], -1) @ self.w2[:n].mT + self.b2[:n, None])  # (n, M, C)
-            return self.project(s, draft_weight, hidden)
+            return self.project(s, draft_weight)
         if root_vec is None:
             raise ValueError("token-linked Cerberus heads start from the root token: pass root_vec, the lm_head "
                              "row of the backbone's next token (head_logits(..., root_vec=lm_weight[ids]))")
         x_prev, logits = root_vec.reshape(h.shape), []
         for k in range(n):
             s_k = z[k] + F.silu(torch.cat([z[k], x_prev], -1) @ self.w2[k].mT + self.b2[k])  # (M, C)
-            logits.append(linear(s_k.to(draft_weight.dtype), draft_weight))  # (M, D)
+            logits.append(self.project(s_k, draft_weight))  # (M, D)
             p_top, top = logits[-1].detach().float().softmax(-1).max(-1)  # (M,): head k's top-1, its probability
             x_prev = (p_top[:, None] * draft_weight[top].float()).to(h.dtype)  # (M, C): for head k+1
-        return torch.stack(logits).reshape(n, *hidden.shape[:-1], -1)
+        return torch.stack(logits)
 
 
 def build_heads(config, spec):
@@ -169,7 +170,8 @@ def head_logits(heads, draft_weight, hidden, n, root_vec=None):
     dtype than the backbone (bfloat16, say): drafts never change the output.
     """
     dtype = next(heads.parameters()).dtype
-    return heads(hidden.to(dtype), draft_weight, n, None if root_vec is None else root_vec.to(dtype))
+    logits = heads(hidden.to(dtype), draft_weight, n, None if root_vec is None else root_vec.to(dtype))  # (n, M, D)
+    return logits.reshape(n, *hidden.shape[:-1], -1)
 
 
 def entropy(logits):

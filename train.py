@@ -534,7 +534,9 @@ def head_set_spec(name, n_heads):
         known = {"root", "token"} if kind == "cerberus" else {"root"}
         if base.startswith(kind) and (depth == "" or depth.isdigit()) and set(variants) <= known:
             spec = dict(kind=kind, n_heads=n_heads, n_layers=int(depth or 1), reads_root="root" in variants)
-            return spec | (dict(link="token" if "token" in variants else "hidden") if kind == "cerberus" else {})
+            if kind == "cerberus":
+                spec["link"] = "token" if "token" in variants else "hidden"
+            return spec
     raise ValueError(f"unknown head set {name!r}; use cerberus, medusa, cerberusN or medusaN, each optionally "
                      f"+root, and Cerberus +token")
 
