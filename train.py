@@ -138,7 +138,7 @@ def head_targets(answer, n_heads):
     """(A,) answer tokens -> (A, 1 + K) targets. Row i belongs to the hidden state that predicts
     answer[i]: column 0 is the backbone's own token answer[i], column k is head k's, answer[i + k]."""
     A = len(answer)
-    padded = torch.cat([answer, torch.full((n_heads,), IGNORE, dtype=answer.dtype)])
+    padded = torch.cat([answer, answer.new_full((n_heads,), IGNORE)])
     return torch.stack([padded[k:k + A] for k in range(n_heads + 1)], dim=1)
 
 

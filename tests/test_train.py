@@ -24,6 +24,12 @@ def test_head_k_learns_token_t_plus_1_plus_k():
                                 [4, 5, IGNORE, IGNORE], [5, IGNORE, IGNORE, IGNORE]]
 
 
+def test_head_targets_stay_on_the_answers_device():
+    """The benchmark builds targets from AR answers on the GPU; the padding must follow them there
+    (the first H200 run stopped here). The meta device stands in for CUDA on a CPU-only machine."""
+    assert head_targets(torch.arange(6, device="meta"), n_heads=3).device.type == "meta"
+
+
 def test_batched_generation_equals_greedy_per_prompt():
     """Left-padded batches, with rows leaving the batch as they finish, answer exactly as `generate`
     does one prompt at a time; the hidden states are the ones that predicted each token."""
