@@ -39,7 +39,7 @@ SWEEP_THRESHOLDS = [0.0, 0.5, 1.0, 2.0, 3.0, 4.0, math.inf]  # nats; the calibra
 class BenchConfig:
     device: str = "cpu"  # "cpu" or "cuda"
     dtype: str = "float32"  # backbone dtype, "float32" or "bfloat16" (bf16 trees may flip near-ties: see match)
-    compile: bool = False  # compile the decode steps on one static KV cache (CUDA graphs on a GPU); compiling is untimed
+    compile: bool = False  # compile the decode steps (one static KV cache) and the heads: CUDA graphs on a GPU; untimed
     tree: str = ""  # "" = each checkpoint's calibrated tree; a preset ("chain2", "sparse16"); or paths "[(0,), (0, 0)]"
     max_new_tokens: int = 128
     n_prompts: int = 24  # taken round-robin over the categories (24 = 3 each of 8); 0 = every prompt
@@ -348,8 +348,11 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
     fixed_tree = parse_tree(cfg.tree, gate=None) if cfg.tree else None  # else each checkpoint's own
     sizes = sorted(set(STEP_SIZES) | {fixed_tree.n_nodes if fixed_tree else 1})  # trees are chosen among these
     cache = None  # with --compile: one static cache for every call, so compiled steps keep their shapes
-    if cfg.compile:
-        model.compile_steps(mode="reduce-overhead" if device.type == "cuda" else "default")
+    if cfg.compile:  # the backbone's decode steps, and the heads (a few dozen small ops per draft, eager)
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+        model.compile_steps(mode)
+        for heads, _ in head_sets.values():
+            heads.compile(mode=mode)
         longest = max(len(p["ids"]) for p in prompts) + cfg.max_new_tokens
         cache = KVCache(model.config, max(longest, STEP_PREFIX) + max(sizes), device=device, dtype=dtype, static=True)
 

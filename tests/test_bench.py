@@ -69,8 +69,11 @@ def test_every_arm_reproduces_ar_and_json_has_the_keys(tiny, capsys):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit internals that inductor imports
 def test_compiled_arms_reproduce_ar(tiny):
     """--compile: compiled decode steps on one static cache shared by the step-cost curve and every
-    arm; the tokens stay AR's."""
+    arm, and compiled heads (token-linked here, whose loop over heads compiling shortens most); the
+    tokens stay AR's. (That compiled heads draft what eager ones do: tests/test_cerberus.py.)"""
     model, tokenizer, head_sets, prompts = tiny
+    token_linked = perturb(CerberusHeads(CONFIG, n_heads=3, link="token"), 2)
+    head_sets = dict(head_sets, cerberus=(token_linked, head_sets["cerberus"][1]))
     cfg = BenchConfig(prompts=prompts, max_new_tokens=12, draft_dtype="float32", compile=True,
                       arms="ar,cerberus", out_dir="")
     summary = bench.bench(cfg, model, tokenizer, head_sets)

@@ -198,6 +198,22 @@ def test_token_link_reads_the_previous_heads_top_token_only():
         heads(h, lm_weight, 3)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit internals that inductor imports
+@torch.no_grad()
+def test_compiled_heads_draft_what_eager_heads_do():
+    """bench.py --compile also compiles the heads (on a GPU their few dozen small ops per draft
+    become one CUDA graph). Token-linked heads reading the root, the kind with a loop: compiled
+    logits equal eager ones, for one position (a decode step) and for a batch."""
+    torch.manual_seed(0)
+    lm_weight = torch.randn(TINY.vocab_size, TINY.n_embd)
+    heads = perturb(CerberusHeads(TINY, 3, reads_root=True, link="token"), 0)
+    compiled = perturb(CerberusHeads(TINY, 3, reads_root=True, link="token"), 0)
+    compiled.compile(mode="default")  # reduce-overhead needs CUDA
+    for M in (1, 5):
+        h, root = torch.randn(M, TINY.n_embd), lm_weight[torch.randint(0, TINY.vocab_size, (M,))]
+        torch.testing.assert_close(compiled(h, lm_weight, 3, root), heads(h, lm_weight, 3, root), rtol=1e-4, atol=1e-4)
+
+
 def test_only_the_root_reading_variant_reads_the_root():
     """The paper's heads ignore the root token; reads_root=True heads change with it, every head."""
     h, root_vec, other = torch.randn(3, TINY.n_embd), torch.randn(3, TINY.n_embd), torch.randn(3, TINY.n_embd)
