@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import sys
+import time
 from collections import Counter, namedtuple
 from dataclasses import dataclass
 
@@ -361,14 +362,17 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
     print(f"bench | {' | '.join(f'{k} {v}' for k, v in conditions.items())} | drafts {cfg.draft_dtype} "
           f"| prompts {cfg.prompts or 'data/bench_prompts.jsonl'} | torch {torch.__version__}"
           + (f" | load avg {os.getloadavg()[0]:.1f}" if device.type == "cpu" else ""))
+    setup_start = time.perf_counter()  # with --compile, compiling happens in the first calls below
     costs = step_costs(model, sizes, STEP_PREFIX, cache)
     print_step_costs(costs, head_sets)
     if cfg.calibrate:
         head_sets = recalibrate(head_sets, costs, lm_weight, fixed_tree)
     settings = {arm: arm_kwargs(arm, cfg, head_sets, eos_id, lm_weight, cache) for arm in arms}
     warm = warm_up(model, prompts[0]["ids"], settings)
-    print(f"warm-up, untimed{' (includes torch.compile)' if cfg.compile else ''}: "
-          + ", ".join(f"{arm} {s:.2f}s" for arm, s in warm.items()))
+    setup_s = time.perf_counter() - setup_start
+    print("warm-up, untimed: " + ", ".join(f"{arm} {s:.2f}s" for arm, s in warm.items())
+          + f"; step costs, calibration and warm-up took {setup_s:.1f} s"
+          + (", compiling included" if cfg.compile else ""))
 
     prefill = [prefill_seconds(model, p["ids"], cfg.max_new_tokens, cache) for p in prompts]
     print(f"prefill (a bare forward, once per prompt; subtracted for decode tok/s): "
@@ -385,7 +389,8 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
     if roof:
         print(f"roofline ({roof['card']}, {roof['peak_tb_s']} TB/s): an AR step reads {roof['bytes_per_ar_step'] / 1e6:.1f} MB, "
               f"so AR could reach {roof['ar_roofline_tok_s']:.0f} tok/s; measured {results['ar']['tok_s']:.0f} (MBU {roof['ar_mbu']:.3f})")
-    summary = dict(conditions, arms={arm: dict(r, warmup_s=warm[arm]) for arm, r in results.items()},
+    summary = dict(conditions, setup_s=round(setup_s, 1),
+                   arms={arm: dict(r, warmup_s=warm[arm]) for arm, r in results.items()},
                    head_accuracy=heads_seen, roofline=roof)
     if cfg.sweep:
         summary["sweep"] = sweep_gate(model, prompts, arm_kwargs("cerberus", cfg, head_sets, eos_id, lm_weight, cache),

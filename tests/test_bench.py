@@ -16,7 +16,7 @@ QUESTIONS = [  # MT-Bench's format: only the first turn is benchmarked
     {"question_id": 1, "category": "writing", "turns": ["Write a haiku about rain.", "Now make it rhyme."]},
     {"question_id": 2, "category": "math", "turns": ["What is 12 times 7?", "And 13 times 7?"]},
 ]
-JSON_KEYS = {"device", "dtype", "compile", "tree", "n_prompts", "max_new_tokens", "arms"}
+JSON_KEYS = {"device", "dtype", "compile", "tree", "n_prompts", "max_new_tokens", "arms", "setup_s"}
 ARM_KEYS = {"tok_s", "speedup", "tau", "match_rate", "ar_fraction"}
 
 
