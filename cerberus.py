@@ -279,8 +279,7 @@ def verify(tokens, target, tree):
     A node is correct if its token is the backbone's choice after its parent. Returns the accepted
     path (node indices, root first): the deepest node whose ancestors are all correct.
     """
-    correct = torch.ones_like(tokens, dtype=torch.bool)
-    correct[1:] = tokens[1:] == target[tree.parents[1:]]
+    correct = (tokens == target[tree.parents]) | (tree.depth == 0)  # (N,) the root is the backbone's own
     all_correct = ~(tree.ancestors & ~correct).any(-1)  # (N,) the whole root..node path is correct
     best = torch.argmax(tree.depth * all_correct)
     return tree.ancestors[best].nonzero().squeeze(1)
@@ -372,14 +371,14 @@ def generate(model, prompt_ids, max_new_tokens, heads=None, tree=None, gate_thre
         drafts = gate = None
         use_heads = heads is not None and gate_threshold > 0  # threshold 0: always AR
         if use_heads and gate_on == "head1":
-            drafts = head_logits(heads, draft_weight, last_hidden, max(tree.max_depth, 1), lm_weight[root[0]])
+            drafts = head_logits(heads, draft_weight, last_hidden, max(tree.max_depth, 1), lm_weight[root])
         if use_heads and gate_threshold < math.inf:  # threshold inf: always parallel, no entropy needed
             gate = float(entropy(next_logits if drafts is None else drafts[0]))
         parallel = use_heads and (gate is None or gate < gate_threshold)
 
         if parallel:  # propose -> verify -> keep
             if drafts is None:
-                drafts = head_logits(heads, draft_weight, last_hidden, tree.max_depth, lm_weight[root[0]])
+                drafts = head_logits(heads, draft_weight, last_hidden, tree.max_depth, lm_weight[root])
             tokens = propose(drafts, root, tree, heads.vocab)  # (N,)
             logits, hidden = model(tokens[None], cache, pos=cache.length + tree.depth, mask=tree.mask(cache.length))
             path = verify(tokens, logits[0].argmax(-1), tree)  # accepted nodes, root first
