@@ -327,6 +327,7 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
 
     model, tokenizer: default SmolLM2-135M-Instruct; "<|im_end|>" is the stop token.
     head_sets: {"medusa" | "cerberus": (heads, checkpoint dict with a "gate")}; default: cfg.heads/<name>.pt.
+    The model and heads given are moved to cfg.device and cast in place, and compiled in place with cfg.compile.
     """
     arms = parse_arms(cfg.arms)  # fail before the slow loading
     if cfg.gate_on not in ("", "backbone", "head1"):
