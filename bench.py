@@ -179,6 +179,7 @@ def summarise(gens, baseline, prefill):
     return {"tok_s": new_tokens / decode_seconds if decode_seconds > 0 else math.nan,
             "speedup": sum(g.seconds for g in baseline) / sum(g.seconds for g in gens),
             "tau": new_tokens / max(steps, 1),
+            "ms_per_step": 1e3 * decode_seconds / max(steps, 1) if decode_seconds > 0 else math.nan,
             "match_rate": matches / max(sum(len(g.ids) for g in baseline), 1),
             "ar_fraction": sum(s.ar_steps for s in stats) / max(steps, 1),
             "zero_accept": accepted.count(0) / len(accepted) if accepted else None,
@@ -267,12 +268,12 @@ def print_step_costs(costs, head_sets):
 
 
 def print_tables(results, settings):
-    print(f"{'arm':<16} {'nodes':>5} {'tok/s':>7} {'speedup':>8} {'tau':>5} {'match':>6} {'AR frac':>7} "
+    print(f"{'arm':<16} {'nodes':>5} {'tok/s':>7} {'speedup':>8} {'tau':>5} {'ms/step':>7} {'match':>6} {'AR frac':>7} "
           f"{'0-accept':>8}  accept-length histogram")
     for arm, r in results.items():
         nodes = settings[arm]["tree"].n_nodes if "tree" in settings[arm] else 1
         zero = "-" if r["zero_accept"] is None else f"{r['zero_accept']:.3f}"
-        print(f"{arm:<16} {nodes:>5} {r['tok_s']:7.2f} {r['speedup']:7.2f}x {r['tau']:5.2f} {r['match_rate']:6.3f} "
+        print(f"{arm:<16} {nodes:>5} {r['tok_s']:7.2f} {r['speedup']:7.2f}x {r['tau']:5.2f} {r['ms_per_step']:7.2f} {r['match_rate']:6.3f} "
               f"{r['ar_fraction']:7.3f} {zero:>8}  {r['accept_histogram']}")
     others = [arm for arm in results if arm != "ar"]
     print(f"speedup vs ar by category:\n  {'category':<14}" + "".join(f"{arm:>17}" for arm in others))

@@ -17,7 +17,7 @@ QUESTIONS = [  # MT-Bench's format: only the first turn is benchmarked
     {"question_id": 2, "category": "math", "turns": ["What is 12 times 7?", "And 13 times 7?"]},
 ]
 JSON_KEYS = {"device", "dtype", "compile", "tree", "n_prompts", "max_new_tokens", "arms", "setup_s"}
-ARM_KEYS = {"tok_s", "speedup", "tau", "match_rate", "ar_fraction"}
+ARM_KEYS = {"tok_s", "speedup", "tau", "match_rate", "ar_fraction", "ms_per_step"}
 
 
 class ByteTokenizer:
@@ -59,6 +59,7 @@ def test_every_arm_reproduces_ar_and_json_has_the_keys(tiny, capsys):
     for arm, r in summary["arms"].items():
         assert ARM_KEYS <= r.keys(), arm
         assert r["match_rate"] == 1.0, arm
+        assert r["tok_s"] * r["ms_per_step"] / 1e3 == pytest.approx(r["tau"]), arm  # same decode time, same steps
         assert set(r["by_category"]) == {"writing", "math"}
     assert summary["arms"]["ar"]["tau"] == 1.0 and summary["arms"]["ar"]["ar_fraction"] == 1.0
     assert summary["arms"]["cerberus_nogate"]["ar_fraction"] == 0.0  # threshold inf: never AR
