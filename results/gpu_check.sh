@@ -12,11 +12,11 @@
 #        (to /tmp: a later call's carry replaces the whole .gpu/ there)
 #     2. carry [".gpu/part_b", ".gpu/wheels", ".gpu/meta"]      command: bash results/gpu_check.sh run lossless compiled eager
 #     3. (same carry)                                           command: bash results/gpu_check.sh run graphs
-# Parts and what they took on the H200: lossless (float32 trees = AR, 30 s), compiled (bf16 MT-Bench
-# benchmark with CUDA graphs, 24 prompts, ~160 s, most of it compiling, before the heads were
-# compiled too: allow more), eager (the same uncompiled
-# on 4 prompts: an eager forward took 18 ms there, so 24 prompts need ~8 min), graphs (CUDA-graph
-# steps equal eager ones in float32: over 125 s of compiling, not yet seen to finish).
+# Parts and what they took on the H200: lossless (float32 trees = AR, 30 s); compiled (bf16 MT-Bench
+# benchmark with CUDA graphs, 24 prompts: ~160 s, most of it compiling, before the heads were
+# compiled too, so allow more); eager (the same uncompiled, on 4 prompts: an eager forward took 18 ms
+# there, so 24 prompts need ~8 min); graphs (CUDA-graph steps equal eager ones in float32: over 125 s
+# of compiling, not yet seen to finish).
 # Each part writes its log to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
