@@ -279,7 +279,8 @@ def verify(tokens, target, tree):
     A node is correct if its token is the backbone's choice after its parent. Returns the accepted
     path (node indices, root first): the deepest node whose ancestors are all correct.
     """
-    correct = (tokens == target[tree.parents]) | (tree.depth == 0)  # (N,) the root is the backbone's own
+    # (N,) the token is the backbone's choice after the parent; the root (parent -1) is its own choice
+    correct = (tokens == target[tree.parents]) | (tree.depth == 0)
     all_correct = ~(tree.ancestors & ~correct).any(-1)  # (N,) the whole root..node path is correct
     best = torch.argmax(tree.depth * all_correct)
     return tree.ancestors[best].nonzero().squeeze(1)
