@@ -365,8 +365,8 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
           f"| prompts {cfg.prompts or 'data/bench_prompts.jsonl'} | torch {torch.__version__}"
           + (f" | load avg {os.getloadavg()[0]:.1f}" if device.type == "cpu" else ""))
     if device.type == "cuda" and not cfg.compile:
-        print("note: eager on a GPU launches every kernel from Python; on an H200 an eager forward took 17.9 ms, "
-              "2.1 ms as a CUDA graph (README, GPU). Add --compile for GPU speed, or --n_prompts=4 to wait less")
+        print("note: eager on a GPU launches every kernel from Python, one by one (the step costs below show "
+              "what that costs here); --compile replays them as CUDA graphs, --n_prompts=4 waits less")
     setup_start = time.perf_counter()  # with --compile, compiling happens in the first calls below
     costs = step_costs(model, sizes, STEP_PREFIX, cache)
     print_step_costs(costs, head_sets)

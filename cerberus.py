@@ -384,7 +384,7 @@ def generate(model, prompt_ids, max_new_tokens, heads=None, tree=None, gate_thre
             logits, hidden = model(tokens[None], cache, pos=cache.length + tree.depth, mask=tree.mask(cache.length))
             path = verify(tokens, logits[0].argmax(-1), tree)  # accepted nodes, root first
             cache.keep(path)
-            best = path[-1]
+            best = int(path[-1])  # one host read; a device index would be read twice, once per tensor below
             next_logits, last_hidden, accepted = logits[0, best], hidden[0, best], tokens[path]
             stats.accept_lengths.append(len(path) - 1)
         else:  # plain AR step
