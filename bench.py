@@ -155,6 +155,12 @@ def prefill_seconds(model, ids, max_new_tokens, cache=None):
     return timed(lambda: model(prompt, cache_for(model, len(ids) + max_new_tokens + 1, cache)))[1]
 
 
+def gate_never_fires(settings):
+    """True when the cerberus arm's gate is off (threshold inf): cerberus_nogate would then repeat its
+    every step, same heads and tree, and timing that twice would measure only the machine's noise."""
+    return {"cerberus", "cerberus_nogate"} <= settings.keys() and settings["cerberus"]["gate_threshold"] == math.inf
+
+
 def run_arms(model, prompts, settings):
     """{arm: [Generation per prompt]}. Whole generate() calls are timed (prefill included, identical
     across arms). Arms take turns on each prompt, so drift in machine load hits them all alike."""
@@ -275,6 +281,10 @@ def print_tables(results, settings):
         zero = "-" if r["zero_accept"] is None else f"{r['zero_accept']:.3f}"
         print(f"{arm:<16} {nodes:>5} {r['tok_s']:7.2f} {r['speedup']:7.2f}x {r['tau']:5.2f} {r['ms_per_step']:7.2f} {r['match_rate']:6.3f} "
               f"{r['ar_fraction']:7.3f} {zero:>8}  {r['accept_histogram']}")
+    for arm, r in results.items():
+        if "same_as" in r:
+            print(f"{arm} is {r['same_as']} here: the gate threshold is inf, so the gate never chooses AR and the "
+                  "two arms are one computation, timed once")
     others = [arm for arm in results if arm != "ar"]
     print(f"speedup vs ar by category:\n  {'category':<14}" + "".join(f"{arm:>17}" for arm in others))
     for category in results["ar"]["by_category"]:
@@ -373,7 +383,9 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
     if cfg.calibrate:
         head_sets = recalibrate(head_sets, costs, lm_weight, fixed_tree)
     settings = {arm: arm_kwargs(arm, cfg, head_sets, eos_id, lm_weight, cache) for arm in arms}
-    warm = warm_up(model, prompts[0]["ids"], settings)
+    twins = gate_never_fires(settings)
+    timed_settings = {arm: kw for arm, kw in settings.items() if not (twins and arm == "cerberus_nogate")}
+    warm = warm_up(model, prompts[0]["ids"], timed_settings)
     setup_s = time.perf_counter() - setup_start
     print("warm-up, untimed: " + ", ".join(f"{arm} {s:.2f}s" for arm, s in warm.items())
           + f"; step costs, calibration and warm-up took {setup_s:.1f} s"
@@ -382,8 +394,11 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
     prefill = [prefill_seconds(model, p["ids"], cfg.max_new_tokens, cache) for p in prompts]
     print(f"prefill (a bare forward, once per prompt; subtracted for decode tok/s): "
           f"mean {1e3 * sum(prefill) / len(prefill):.1f} ms")
-    runs = run_arms(model, prompts, settings)
+    runs = run_arms(model, prompts, timed_settings)
     results = report(runs, prompts, prefill)
+    if twins:  # one computation, reported under both names
+        results["cerberus_nogate"] = dict(results["cerberus"], same_as="cerberus")
+        warm["cerberus_nogate"] = warm["cerberus"]
     print_tables(results, settings)
     heads_seen = head_accuracy(model, head_sets, lm_weight, prompts, runs["ar"])
     for name, acc in heads_seen.items():

@@ -141,8 +141,9 @@ class CerberusHeads(DraftHeads):
         for k in range(n):
             s_k = z[k] + F.silu(torch.cat([z[k], x_prev], -1) @ self.w2[k].mT + self.b2[k])  # (M, C)
             logits.append(self.project(s_k, draft_weight))  # (M, D)
-            p_top, top = logits[-1].detach().float().softmax(-1).max(-1)  # (M,): head k's top-1, its probability
-            x_prev = (p_top[:, None] * draft_weight[top].float()).to(h.dtype)  # (M, C): for head k+1
+            if k + 1 < n:  # what head k+1 reads; the last head has no successor
+                p_top, top = logits[-1].detach().float().softmax(-1).max(-1)  # (M,): head k's top-1, its probability
+                x_prev = (p_top[:, None] * draft_weight[top].float()).to(h.dtype)  # (M, C)
         return torch.stack(logits)
 
 

@@ -1,6 +1,7 @@
 """bench.py on a tiny random model: the JSON line, lossless arms, prompt-file parsing and its errors."""
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -65,6 +66,22 @@ def test_every_arm_reproduces_ar_and_json_has_the_keys(tiny, capsys):
     assert summary["arms"]["cerberus_nogate"]["ar_fraction"] == 0.0  # threshold inf: never AR
     assert set(summary["head_accuracy"]) == {"medusa", "cerberus"}
     assert 0.0 <= summary["head_accuracy"]["cerberus"]["head1"]["top1"] <= 1.0
+
+
+def test_an_ungated_cerberus_arm_is_not_timed_twice(tiny, capsys, monkeypatch):
+    """With threshold inf the gate never chooses AR, so cerberus_nogate is the cerberus arm's very
+    computation: it runs once and is reported under both names, saying so; with a finite threshold
+    both run (the test above)."""
+    model, tokenizer, head_sets, prompts = tiny
+    timed_arms = []
+    run_arms = bench.run_arms
+    monkeypatch.setattr(bench, "run_arms", lambda m, p, settings: timed_arms.append(list(settings)) or run_arms(m, p, settings))
+    cfg = BenchConfig(prompts=prompts, max_new_tokens=8, draft_dtype="float32", threshold=math.inf, out_dir="")
+    summary = bench.bench(cfg, model, tokenizer, head_sets)
+    assert timed_arms == [["ar", "medusa", "cerberus"]]
+    nogate = summary["arms"]["cerberus_nogate"]
+    assert nogate.pop("same_as") == "cerberus" and nogate == summary["arms"]["cerberus"]
+    assert "cerberus_nogate is cerberus here" in capsys.readouterr().out
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit internals that inductor imports
