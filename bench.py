@@ -248,11 +248,18 @@ def roofline(model, card, ar, mean_context):
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
+    info = {}  # the first core's /proc/cpuinfo entries: a VM's "AMD EPYC" may be one generation or another
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    cpu = info.get("model name", platform.processor() or platform.machine())
+    if "cpu family" in info:
+        cpu += f" family {info['cpu family']} model {info.get('model', '?')}"
+    bf16 = {"avx512_bf16", "amx_bf16"} & set(info.get("flags", "").split())  # without: no native bf16 matmul
+    return (f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"{torch.backends.cpu.get_cpu_capability()}{', bf16 in hardware' if bf16 else ''})")
 
 
 def print_step_costs(costs, head_sets):

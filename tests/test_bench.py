@@ -114,6 +114,12 @@ def test_roofline_counts_each_weight_once_and_knows_the_cards():
     assert bench.roofline(model, "AMD EPYC (2 cores)", {"tok_s": 1.0}, 100) is None
 
 
+def test_cpu_name_says_what_the_cpu_can_do():
+    """Logs from days on different hosts must be told apart: the header names the CPU's vector extensions."""
+    name = bench.device_name(torch.device("cpu"))
+    assert torch.backends.cpu.get_cpu_capability() in name and f"{torch.get_num_threads()} torch threads" in name
+
+
 def test_main_prints_json_last(tiny, tmp_path, capsys, monkeypatch):
     """Guards the CLI path end to end: flag spellings, bare --sweep, heads loaded from a directory, a gate
     on head 1's entropy (lossless too)."""
