@@ -73,9 +73,13 @@ def test_an_ungated_cerberus_arm_is_not_timed_twice(tiny, capsys, monkeypatch):
     computation: it runs once and is reported under both names, saying so; with a finite threshold
     both run (the test above)."""
     model, tokenizer, head_sets, prompts = tiny
-    timed_arms = []
-    run_arms = bench.run_arms
-    monkeypatch.setattr(bench, "run_arms", lambda m, p, settings: timed_arms.append(list(settings)) or run_arms(m, p, settings))
+    timed_arms, run_arms = [], bench.run_arms
+
+    def recording_run_arms(model, prompts, settings):
+        timed_arms.append(list(settings))
+        return run_arms(model, prompts, settings)
+
+    monkeypatch.setattr(bench, "run_arms", recording_run_arms)
     cfg = BenchConfig(prompts=prompts, max_new_tokens=8, draft_dtype="float32", threshold=math.inf, out_dir="")
     summary = bench.bench(cfg, model, tokenizer, head_sets)
     assert timed_arms == [["ar", "medusa", "cerberus"]]
