@@ -266,7 +266,9 @@ def print_step_costs(costs, head_sets):
     """This device's cost of a T-token forward, and each checkpoint's calibration beside it: the
     calibrated tree and threshold only pay if the step costs here resemble those at training time."""
     print(f"step cost of one forward of T tokens on a {STEP_PREFIX}-token cache:")
-    print("\n".join(f"  T={T:<3d} {1e3 * s:8.2f} ms  {s / costs[1]:5.2f}x T=1" for T, s in costs.items()))
+    top = max(costs.values())
+    print("\n".join(f"  T={T:<3d} {1e3 * s:8.2f} ms  {s / costs[1]:5.2f}x T=1  {'#' * round(40 * s / top)}"
+                    for T, s in costs.items()))
     for name, (heads, ckpt) in head_sets.items():
         gate, n = ckpt["gate"], len(ckpt["gate"]["tree"]) + 1
         there = {int(k): v for k, v in gate.get("step_costs", {}).items()}
