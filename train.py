@@ -16,6 +16,7 @@ reads (the backbone's or head 1's) and its threshold. (4) Checkpoints, written a
 the head spec, the gate and a fingerprint of the backbone.
 """
 import copy
+import inspect
 import itertools
 import json
 import math
@@ -68,10 +69,25 @@ RECIPES = {
 }
 
 
+def cli_help(config_class):
+    """One line per field of a config dataclass: `--name=default` and the comment beside it in the source."""
+    comments = {}
+    for line in inspect.getsource(config_class).splitlines():
+        name, _, rest = line.strip().partition(":")
+        if name.isidentifier() and "#" in rest:
+            comments[name] = rest.split("#", 1)[1].strip()
+    flags = {f.name: f"--{f.name}={f.default}" for f in fields(config_class)}
+    width = max(map(len, flags.values()))
+    return "\n".join(f"  {flag:<{width}}  {comments.get(name, '')}".rstrip() for name, flag in flags.items())
+
+
 def parse_cli(config_class, argv):
     """`--key=value` arguments onto a dataclass config (a bare `--flag` sets a bool field to true);
-    unknown keys are an error."""
+    unknown keys are an error; `--help` prints every key with its default and exits."""
     known = {f.name: f for f in fields(config_class)}
+    if "--help" in argv or "-h" in argv:
+        print(f"flags, --key=value (a bare --flag sets a true/false one to true):\n{cli_help(config_class)}")
+        raise SystemExit(0)
     values = {}
     for arg in argv:
         key, eq, value = arg.removeprefix("--").partition("=")

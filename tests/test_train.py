@@ -1,4 +1,5 @@
 """Head training: target offsets, a frozen backbone, heads that learn, checkpoints, DDP."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -166,6 +167,16 @@ def test_checkpoint_from_before_deeper_cerberus_heads_loads(tmp_path):
     loaded, _ = load_heads(path, model)
     hidden, lm_weight = torch.randn(5, TINY.n_embd), model.lm_head.weight
     torch.testing.assert_close(loaded(hidden, lm_weight, 3), heads.half().float()(hidden, lm_weight, 3))
+
+
+def test_cli_help_lists_every_flag_with_its_default_and_comment(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_cli(TrainConfig, ["--recipe=full", "--help"])
+    assert exit_.value.code == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert len(lines) == len(dataclasses.fields(TrainConfig))
+    assert any(line.split() == ["--epochs=1", "fresh", "data", "beats", "extra", "epochs"] for line in lines)
+    assert "--seed=0" in lines[-1]
 
 
 def test_cli_overrides_and_recipes():
