@@ -288,8 +288,8 @@ def print_tables(results, settings):
     for arm, r in results.items():
         nodes = settings[arm]["tree"].n_nodes if "tree" in settings[arm] else 1
         zero = "-" if r["zero_accept"] is None else f"{r['zero_accept']:.3f}"
-        print(f"{arm:<16} {nodes:>5} {r['tok_s']:7.2f} {r['speedup']:7.2f}x {r['tau']:5.2f} {r['ms_per_step']:7.2f} {r['match_rate']:6.3f} "
-              f"{r['ar_fraction']:7.3f} {zero:>8}  {r['accept_histogram']}")
+        print(f"{arm:<16} {nodes:>5} {r['tok_s']:7.2f} {r['speedup']:7.2f}x {r['tau']:5.2f} {r['ms_per_step']:7.2f} "
+              f"{r['match_rate']:6.3f} {r['ar_fraction']:7.3f} {zero:>8}  {r['accept_histogram']}")
     for arm, r in results.items():
         if "same_as" in r:
             print(f"{arm} is {r['same_as']} here: the gate threshold is inf, so the gate never chooses AR and the "

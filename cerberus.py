@@ -385,8 +385,8 @@ def generate(model, prompt_ids, max_new_tokens, heads=None, tree=None, gate_thre
             logits, hidden = model(tokens[None], cache, pos=cache.length + tree.depth, mask=tree.mask(cache.length))
             path = verify(tokens, logits[0].argmax(-1), tree)  # accepted nodes, root first
             cache.keep(path)
-            best = int(path[-1])  # one host read; a device index would be read twice, once per tensor below
-            next_logits, last_hidden, accepted = logits[0, best], hidden[0, best], tokens[path]
+            last = path[-1:]  # (1,) the deepest accepted node, left on the device: indexing with it reads nothing back
+            next_logits, last_hidden, accepted = logits[0, last][0], hidden[0, last][0], tokens[path]
             stats.accept_lengths.append(len(path) - 1)
         else:  # plain AR step
             logits, hidden = model(root[None], cache)
