@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from cerberus import Tree, generate
+from cerberus import Tree, generate, load_heads
 from model import KVCache, cache_for, chat_prompt, load_smollm2
-from train import (accuracy, calibrate, draft_costs, head_targets, load_heads, parse_cli, print_entropy_curve,
+from train import (accuracy, calibrate, draft_costs, head_targets, parse_cli, print_entropy_curve,
                    step_costs, target_ranks, timed)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

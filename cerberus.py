@@ -9,6 +9,7 @@ One decoding step, as in the paper (Liu et al., arXiv 2410.13344):
 The output is token for token the output of plain greedy AR: drafts only change the speed.
 """
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -285,6 +286,46 @@ def verify(tokens, target, tree):
     all_correct = ~(tree.ancestors & ~correct).any(-1)  # (N,) the whole root..node path is correct
     best = torch.argmax(tree.depth * all_correct)
     return tree.ancestors[best].nonzero().squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: atomic writes, configs included, refuse the wrong backbone.
+
+def write_atomically(path, write):
+    """write(temporary path), then rename over `path`: a crash never leaves a half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_heads(path, heads, backbone, extra):
+    """Write heads (half precision) with their spec and the backbone's fingerprint, atomically."""
+    state = {k: (v.half() if v.is_floating_point() else v).detach().cpu() for k, v in heads.state_dict().items()}
+    payload = {"spec": heads.spec, "state_dict": state, "backbone": backbone.fingerprint(), **extra}
+    write_atomically(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_heads(path, model):
+    """(heads in float32, checkpoint dict) for this backbone, or a ValueError that says why not."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no heads checkpoint at {path}; train some with `python train.py`")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"heads checkpoint {path} is truncated or corrupt ({type(e).__name__}); "
+                         f"train again or restore it (git checkout -- {path})") from e
+    if ckpt.get("backbone") != model.fingerprint():
+        raise ValueError(f"heads in {path} were trained for another backbone (fingerprint "
+                         f"{ckpt.get('backbone')} != {model.fingerprint()}); train heads for this model")
+    heads = build_heads(model.config, ckpt["spec"])
+    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    if "vocab" in state:  # the token ids the heads draft over (train.py's draft_vocab)
+        heads.draft_over(state["vocab"])
+    if ckpt["spec"]["kind"] == "cerberus" and "n_layers" not in ckpt["spec"]:  # saved before stage 1 could
+        state["w1"], state["b1"] = state["w1"][None], state["b1"][None]  # be deeper: one block, unstacked
+    heads.load_state_dict(state)
+    return heads.to(model.embed.weight.device), ckpt
 
 
 # ----------------------------------------------------------------------------------------------

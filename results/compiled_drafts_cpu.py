@@ -10,7 +10,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from model import load_smollm2  # noqa: E402
-from train import draft_costs, load_heads  # noqa: E402
+from cerberus import load_heads  # noqa: E402
+from train import draft_costs  # noqa: E402
 
 model, _ = load_smollm2()
 lm_weight = model.lm_head.weight.to(torch.bfloat16)

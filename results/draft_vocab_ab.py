@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 from bench import load_prompts  # noqa: E402
 from cerberus import Tree, generate  # noqa: E402
 from model import load_smollm2  # noqa: E402
-from train import load_heads  # noqa: E402
+from cerberus import load_heads  # noqa: E402
 
 
 def main():

@@ -19,9 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench import load_prompts  # noqa: E402
-from cerberus import Tree, entropy, generate  # noqa: E402
+from cerberus import Tree, entropy, generate, load_heads  # noqa: E402
 from model import load_smollm2  # noqa: E402
-from train import (accepted_lengths, calibrate, draft_costs, head1_entropy, head_targets, load_heads,  # noqa: E402
+from train import (accepted_lengths, calibrate, draft_costs, head1_entropy, head_targets,  # noqa: E402
                    print_entropy_curve, step_costs, target_ranks)
 
 

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from cerberus import DraftHeads, Tree, generate  # noqa: E402
 from model import GPT, KVCache, chat_prompt, load_smollm2  # noqa: E402
-from train import load_heads  # noqa: E402
+from cerberus import load_heads  # noqa: E402
 
 
 class CountOps(TorchDispatchMode):

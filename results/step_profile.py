@@ -21,7 +21,7 @@ import cerberus  # noqa: E402
 from bench import load_prompts  # noqa: E402
 from cerberus import Tree, generate  # noqa: E402
 from model import KVCache, load_smollm2  # noqa: E402
-from train import load_heads  # noqa: E402
+from cerberus import load_heads  # noqa: E402
 
 N_PROMPTS, MAX_NEW_TOKENS = 8, 128
 seconds = defaultdict(float)

@@ -10,7 +10,7 @@ import bench
 from bench import BenchConfig, load_prompts
 from cerberus import CerberusHeads, MedusaHeads, Tree
 from conftest import TINY, perturb, tiny_gpt
-from train import save_heads
+from cerberus import save_heads
 
 CONFIG = dataclasses.replace(TINY, block_size=512)  # room for a chat-templated prompt of ~150 bytes
 QUESTIONS = [  # MT-Bench's format: only the first turn is benchmarked

@@ -8,7 +8,7 @@ import torch
 
 from cerberus import Tree, generate
 from model import KVCache, chat_prompt
-from train import load_heads
+from cerberus import load_heads
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 HEADS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "heads", "cerberus.pt")

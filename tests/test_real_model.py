@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from cerberus import CerberusHeads, MedusaHeads, Tree, generate
 from conftest import perturb
 from model import KVCache, chat_prompt
-from train import TrainConfig, load_heads, self_instruct_prompts
+from cerberus import load_heads
+from train import TrainConfig, self_instruct_prompts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cerberus import CerberusHeads, MedusaHeads, Tree, generate
+from cerberus import CerberusHeads, MedusaHeads, Tree, generate, load_heads, save_heads
 from conftest import TINY, perturb, tiny_gpt, write_gguf
 from model import GPT, GPTConfig
 from train import (IGNORE, NO_TARGET, TrainConfig, batched_generate, calibrate, draft_classes, draft_vocabulary,
-                   head_set_spec, head_targets, load_heads, parse_cli, save_heads, self_distill, target_ranks,
+                   head_set_spec, head_targets, parse_cli, self_distill, target_ranks,
                    train_config, train_heads)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
