@@ -1,4 +1,4 @@
-"""Which distribution should the gate read (DESIGN §1 leaves it open)? The backbone's next-token
+"""Which distribution should the gate read (the paper does not say)? The backbone's next-token
 entropy (what the shipped heads calibrate on) against head 1's own entropy, on the AR answers to the
 project's 48 benchmark prompts (128 tokens each), with the shipped Cerberus heads.
 
