@@ -1,4 +1,5 @@
-"""bench.py on a tiny random model: the JSON line, lossless arms, prompt-file parsing and its errors."""
+"""bench.py on a tiny random model: the JSON line, lossless arms, repeated rounds and their spread, the
+noise warnings, prompt-file parsing and its errors."""
 import dataclasses
 import json
 import math
@@ -8,17 +9,17 @@ import torch
 
 import bench
 from bench import BenchConfig, load_prompts
-from cerberus import CerberusHeads, MedusaHeads, Tree
+from cerberus import CerberusHeads, MedusaHeads, Tree, save_heads
 from conftest import TINY, perturb, tiny_gpt
-from cerberus import save_heads
 
 CONFIG = dataclasses.replace(TINY, block_size=512)  # room for a chat-templated prompt of ~150 bytes
 QUESTIONS = [  # MT-Bench's format: only the first turn is benchmarked
     {"question_id": 1, "category": "writing", "turns": ["Write a haiku about rain.", "Now make it rhyme."]},
     {"question_id": 2, "category": "math", "turns": ["What is 12 times 7?", "And 13 times 7?"]},
 ]
-JSON_KEYS = {"device", "dtype", "compile", "tree", "n_prompts", "max_new_tokens", "arms", "setup_s"}
-ARM_KEYS = {"tok_s", "speedup", "tau", "match_rate", "ar_fraction", "ms_per_step"}
+JSON_KEYS = {"device", "dtype", "compile", "tree", "n_prompts", "max_new_tokens", "repeat", "arms", "setup_s",
+             "load_before", "load_after", "noise_warnings", "head_accuracy", "head_accuracy_by_category", "roofline"}
+ARM_KEYS = {"tok_s", "speedup", "speedup_rounds", "speedup_spread", "tau", "match_rate", "ar_fraction", "ms_per_step"}
 
 
 class ByteTokenizer:
@@ -51,7 +52,7 @@ def test_every_arm_reproduces_ar_and_json_has_the_keys(tiny, capsys):
     """Guards the benchmark's own claim: in float32 every arm emits AR's tokens (match 1.0), and the
     last stdout line is the JSON that scripts parse."""
     model, tokenizer, head_sets, prompts = tiny
-    cfg = BenchConfig(prompts=prompts, max_new_tokens=12, draft_dtype="float32", out_dir="")
+    cfg = BenchConfig(prompts=prompts, max_new_tokens=12, draft_dtype="float32")
     summary = bench.bench(cfg, model, tokenizer, head_sets)
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last_line) == json.loads(json.dumps(summary))
@@ -66,6 +67,46 @@ def test_every_arm_reproduces_ar_and_json_has_the_keys(tiny, capsys):
     assert summary["arms"]["cerberus_nogate"]["ar_fraction"] == 0.0  # threshold inf: never AR
     assert set(summary["head_accuracy"]) == {"medusa", "cerberus"}
     assert 0.0 <= summary["head_accuracy"]["cerberus"]["head1"]["top1"] <= 1.0
+    assert summary["repeat"] == 1 and summary["arms"]["cerberus"]["speedup_spread"] == 0.0
+
+
+def test_repeated_rounds_give_a_median_a_spread_and_accuracy_per_category(tiny):
+    """--repeat=R times every arm R times over the whole prompt set: the reported speedup is the median
+    of the rounds' speedups and the spread their (max - min) / median; every round reproduces AR. Head
+    accuracy comes per category as well as overall."""
+    model, tokenizer, head_sets, prompts = tiny
+    cfg = BenchConfig(prompts=prompts, max_new_tokens=8, draft_dtype="float32", repeat=2)
+    summary = bench.bench(cfg, model, tokenizer, head_sets)
+    assert summary["repeat"] == 2 and isinstance(summary["noise_warnings"], list)
+    for arm, r in summary["arms"].items():
+        lo, hi = min(r["speedup_rounds"]), max(r["speedup_rounds"])
+        assert len(r["speedup_rounds"]) == 2 and r["match_rate"] == 1.0, arm
+        assert r["speedup"] == pytest.approx((lo + hi) / 2) and r["speedup_spread"] == pytest.approx((hi - lo) / r["speedup"])
+    assert summary["arms"]["ar"]["new_tokens"] == 2 * 2 * 8  # both prompts, both rounds (no EOS in a byte model)
+    by_category = summary["head_accuracy_by_category"]
+    assert set(by_category) == {"medusa", "cerberus"} and set(by_category["cerberus"]) == {"writing", "math"}
+    assert set(by_category["cerberus"]["math"]) == {"head1", "head2", "head3"}
+    assert set(by_category["medusa"]["writing"]["head1"]) == {"top1", "top5"}
+
+
+def test_noise_warnings_name_spread_rounds_and_a_busy_machine(capsys):
+    """Guards the benchmark's statement of its own noise: rounds that disagree by more than NOISY_SPREAD
+    of their median, or a load beyond the benchmark's own threads above BUSY_LOAD per core, are warned
+    about; a quiet machine and agreeing rounds are not."""
+    def arms(rounds):
+        median = sorted(rounds)[len(rounds) // 2]
+        return {"ar": {"speedup_rounds": [1.0] * len(rounds), "speedup_spread": 0.0},
+                "cerberus": {"speedup_rounds": rounds, "speedup_spread": (max(rounds) - min(rounds)) / median}}
+
+    cpu, cores = torch.device("cpu"), bench.os.cpu_count()
+    own = min(torch.get_num_threads(), cores)  # the load this benchmark itself adds on a CPU
+    assert bench.noise_warnings(arms([1.30, 1.32, 1.35]), 0.0, float(own), cpu) == []
+    assert "medians of 3 rounds" in capsys.readouterr().out
+    noisy = bench.noise_warnings(arms([0.9, 1.3, 1.5]), 0.0, 0.0, cpu)
+    assert len(noisy) == 1 and "cerberus's speedup ranged 0.90x..1.50x" in noisy[0]
+    busy = bench.noise_warnings(arms([1.3]), 1.0 * cores, own + 1.0 * cores, cpu)
+    assert len(busy) == 2 and "before the benchmark started" in busy[0] and "during the timed rounds" in busy[1]
+    assert "WARNING: other work" in capsys.readouterr().out
 
 
 def test_an_ungated_cerberus_arm_is_not_timed_twice(tiny, capsys, monkeypatch):
@@ -80,7 +121,7 @@ def test_an_ungated_cerberus_arm_is_not_timed_twice(tiny, capsys, monkeypatch):
         return run_arms(model, prompts, settings)
 
     monkeypatch.setattr(bench, "run_arms", recording_run_arms)
-    cfg = BenchConfig(prompts=prompts, max_new_tokens=8, draft_dtype="float32", threshold=math.inf, out_dir="")
+    cfg = BenchConfig(prompts=prompts, max_new_tokens=8, draft_dtype="float32", threshold=math.inf)
     summary = bench.bench(cfg, model, tokenizer, head_sets)
     assert timed_arms == [["ar", "medusa", "cerberus"]]
     nogate = summary["arms"]["cerberus_nogate"]
@@ -97,7 +138,7 @@ def test_compiled_arms_reproduce_ar(tiny):
     token_linked = perturb(CerberusHeads(CONFIG, n_heads=3, link="token"), 2)
     head_sets = dict(head_sets, cerberus=(token_linked, head_sets["cerberus"][1]))
     cfg = BenchConfig(prompts=prompts, max_new_tokens=12, draft_dtype="float32", compile=True,
-                      arms="ar,cerberus", out_dir="")
+                      arms="ar,cerberus")
     summary = bench.bench(cfg, model, tokenizer, head_sets)
     assert summary["compile"] is True
     assert all(r["match_rate"] == 1.0 for r in summary["arms"].values())
@@ -125,19 +166,17 @@ def test_cpu_name_says_what_the_cpu_can_do():
 
 
 def test_main_prints_json_last(tiny, tmp_path, capsys, monkeypatch):
-    """Guards the CLI path end to end: flag spellings, bare --sweep, heads loaded from a directory, a gate
+    """Guards the CLI path end to end: flag spellings, a bare --flag, heads loaded from a directory, a gate
     on head 1's entropy (lossless too)."""
     model, tokenizer, head_sets, prompts = tiny
     for name, (heads, ckpt) in head_sets.items():
         save_heads(str(tmp_path / f"{name}.pt"), heads, model, ckpt)
     monkeypatch.setattr(bench, "load_smollm2", lambda: (model, tokenizer))
     bench.main([f"--prompts={prompts}", f"--heads={tmp_path}", "--max-new-tokens=6", "--n-prompts=1",
-                "--arms=ar,cerberus", "--tree=chain2", "--gate_on=head1", "--threshold=3", "--sweep",
-                f"--out_dir={tmp_path}"])
+                "--arms=ar,cerberus", "--tree=chain2", "--gate_on=head1", "--threshold=3", "--calibrate"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["n_prompts"] == 1 and summary["tree"] == "chain2" and list(summary["arms"]) == ["ar", "cerberus"]
     assert summary["arms"]["cerberus"]["match_rate"] == 1.0
-    assert [p["threshold"] for p in summary["sweep"]][-1] == "inf"
 
 
 def test_load_prompts_takes_first_turns_with_chat_template(tiny):
@@ -164,6 +203,8 @@ def test_unknown_arm_gate_or_device_is_a_clear_error(tiny):
         bench.bench(BenchConfig(arms="ar,eagle", prompts=prompts), model, tokenizer, head_sets)
     with pytest.raises(ValueError, match="'backbone' .* or 'head1'"):
         bench.bench(BenchConfig(gate_on="head2", prompts=prompts), model, tokenizer, head_sets)
+    with pytest.raises(ValueError, match="--repeat=0: the timed rounds must be 1 or more"):
+        bench.bench(BenchConfig(repeat=0, prompts=prompts), model, tokenizer, head_sets)
     with pytest.raises(ValueError, match="--gate_on=head1 needs --threshold"):
         bench.bench(BenchConfig(gate_on="head1", arms="ar,cerberus", prompts=prompts), model, tokenizer, head_sets)
     if not torch.cuda.is_available():
