@@ -1,58 +1,56 @@
 """Train Medusa and Cerberus heads on a frozen backbone by self-distillation, and calibrate the gate.
 
-    python train.py                      # the quick recipe (2-core CPU: 4 min)
-    python train.py --recipe=full        # the papers' heads on the full data (2-core CPU: ~2 h)
-    python train.py --recipe=full --heads=cerberus+token+root,medusa+root   # the shipped heads (variants)
+    python train.py                      # the quick recipe: the first shard of answers (2-core CPU: minutes)
+    python train.py --recipe=full        # every shard of data/answers/
     torchrun --nproc_per_node=2 train.py --recipe=full     # DDP: NCCL on GPUs, gloo on CPUs
 
-Steps: (1) the backbone answers training prompts greedily, batched (the project's templates and,
-in the full recipe, requests the model writes itself); the hidden state that predicts each answer
-token is captured on the way, so head k at answer position i learns token i + k (the backbone's own
-greedy continuation). (2) The draft vocabulary: the tokens the backbone wrote most often in the
-training answers, the only ones the heads draft (a smaller lm_head, cheaper drafts and training).
-Each head set trains on the same data, steps and learning rate. (3) Held-out prompts give per-head
-top-1/top-5 accuracy, the tree that fits this device's step costs, and the gate: which entropy it
-reads (the backbone's or head 1's) and its threshold. (4) Checkpoints, written atomically, carry
-the head spec, the gate and a fingerprint of the backbone.
+Steps: (1) the backbone's greedy answers to the prompt mix are token-id shards in data/answers/
+(data/generate_answers.py); the hidden state that predicted each answer token is recomputed by one
+teacher-forced forward per batch and cached in out_dir: head k at answer position i learns token i + k.
+(2) The draft vocabulary: the tokens the backbone wrote most often. Each head set trains on the same
+data, steps and learning rate. (3) Held-out prompt lines give per-head top-1/top-5 accuracy, overall
+and per task category, the tree that fits this device's step costs, and the gate. (4) Checkpoints
+(cerberus.save_heads) carry the head spec, the gate and the backbone's fingerprint.
 """
 import copy
+import hashlib
 import inspect
 import itertools
 import json
 import math
 import os
 import pathlib
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from cerberus import Tree, build_heads, entropy, head_logits, parameter_count, save_heads, write_atomically
-from model import KVCache, cache_for, chat_prompt, linear, load_gguf, load_smollm2
+from model import cache_for, chat_prompt, linear, load_gguf, load_smollm2
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 IGNORE = -100  # target index that cross_entropy skips (past the end of an answer)
 NO_TARGET = 255  # rank stored where a head has no target; true ranks are capped at 254 (uint8)
+CATEGORIES = ("chat", "writing", "coding", "math", "qa", "summarise", "translate", "doc_qa")
 
 
 @dataclass
 class TrainConfig:
     recipe: str = "quick"  # "quick" or "full": sets the data size below unless given explicitly
     gguf: str = ""  # backbone: "" = the packaged SmolLM2-135M-Instruct, else a llama GGUF file
-    out_dir: str = "runs/quick"  # data cache, checkpoints and metrics go here
+    out_dir: str = "runs/quick"  # hidden-state cache, checkpoints and metrics go here
     heads: str = "cerberus,medusa,medusa3"  # a digit = blocks per head (medusa3: size-matched); +root = reads the root
     n_heads: int = 4
-    n_prompts: int = 400  # template prompts (data/train_prompts.json), answered greedily by the backbone
-    n_self_instruct: int = 0  # requests the instruct model writes itself, answered greedily too
-    prompt_temperature: float = 0.8  # sampling temperature of those self-written requests
-    max_answer_tokens: int = 160
-    gen_batch_size: int = 32  # batched generation runs ~9x faster per token than batch 1 on a CPU
-    gen_dtype: str = "bfloat16"  # backbone dtype while generating data (targets need no float32)
-    holdout: float = 0.05  # share of prompts held out for accuracy and gate calibration
+    prompts: str = "data/train_prompts.jsonl"  # the prompt mix the answers answer (data/build_prompts.py)
+    answers_dir: str = "data/answers"  # the backbone's answers as token-id shards (data/generate_answers.py)
+    n_shards: int = 1  # answer shards to train on, the first ones there (256 prompt lines each); 0 = all
+    hidden_dtype: str = "bfloat16"  # backbone dtype that recomputes the hidden states (targets need no float32)
+    holdout: float = 0.05  # share of prompt lines (every 1/holdout-th, both turns) held out for accuracy and the gate
     batch_size: int = 256  # positions per optimiser step
     epochs: int = 1  # fresh data beats extra epochs
     lr: float = 1e-3
@@ -64,8 +62,8 @@ class TrainConfig:
 
 
 RECIPES = {
-    "quick": dict(n_prompts=400, max_answer_tokens=160, out_dir="runs/quick"),
-    "full": dict(n_prompts=2600, n_self_instruct=3000, max_answer_tokens=200, out_dir="runs/full"),
+    "quick": dict(n_shards=1, out_dir="runs/quick"),
+    "full": dict(n_shards=0, out_dir="runs/full"),
 }
 
 
@@ -111,44 +109,36 @@ def train_config(overrides):
 
 
 # ----------------------------------------------------------------------------------------------
-# Prompts: the project's own, rendered from templates x topics, disjoint from every benchmark prompt.
+# Self-distillation data: the backbone's answers (token-id shards written by data/generate_answers.py)
+# and, recomputed from them, the hidden states that predicted each answer token.
 
-def normalise(text):
-    return " ".join(text.lower().split())
-
-
-def benchmark_prompts():
-    """Every first turn the benchmark may use: the project's set and MT-Bench (when present)."""
-    texts = []
-    for path in (os.path.join(ROOT, "data", "bench_prompts.jsonl"),
-                 os.path.join(ROOT, "..", "shared", "data", "mt_bench.jsonl")):
-        if os.path.exists(path):
-            with open(path) as f:
-                texts += [json.loads(line)["turns"][0] for line in f if line.strip()]
-    return texts
+def conversation(tokenizer, row, first_answer=None):
+    """Token ids of a chat up to where the assistant answers: a prompt row's first turn or, after the
+    model's own first answer (ids, its end token included when it ended), the row's follow-up."""
+    ids = chat_prompt(tokenizer, row["prompt"])
+    if first_answer is None:
+        return ids
+    end = tokenizer.encode("<|im_end|>", allowed_special="all")
+    closed = first_answer if first_answer[-len(end):] == end else first_answer + end  # cut at max tokens
+    follow_up = f"\n<|im_start|>user\n{row['follow_up']}<|im_end|>\n<|im_start|>assistant\n"
+    return ids + closed + tokenizer.encode(follow_up, allowed_special="all")
 
 
-def without_benchmark_prompts(prompts):
-    """The prompts that neither contain nor are contained in any benchmark prompt (normalised)."""
-    banned = [normalise(t) for t in benchmark_prompts()]
-    return [p for p in prompts if not any(b in normalise(p) or normalise(p) in b for b in banned)]
+def prompts_hash(rows):
+    """A short hash of prompt rows: a shard remembers the prompts it answers, in line order."""
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def training_prompts(n, seed=0):
-    """n distinct prompts drawn from data/train_prompts.json, none overlapping a benchmark prompt."""
-    with open(os.path.join(ROOT, "data", "train_prompts.json")) as f:
-        spec = json.load(f)
-    rendered = sorted({t.format(topic=topic) for cat, templates in spec["templates"].items()
-                       for t in templates for topic in spec["topics"][cat]})
-    clean = without_benchmark_prompts(rendered)
-    random.Random(seed).shuffle(clean)
-    if n > len(clean):
-        raise ValueError(f"asked for {n} training prompts but only {len(clean)} exist; lower n_prompts")
-    return clean[:n]
+def read_shard(path):
+    """({"backbone", "prompts", "max_answer_tokens"}, {(line, turn): answer ids}) of a shard file."""
+    with np.load(path) as shard:
+        meta = {"backbone": str(shard["backbone"]), "prompts": str(shard["prompts"]),
+                "max_answer_tokens": int(shard["max_answer_tokens"])}
+        ends, tokens = np.cumsum(shard["length"]).tolist(), shard["tokens"].tolist()
+        answers = {(line, turn): tokens[end - n:end] for line, turn, n, end in
+                   zip(shard["line"].tolist(), shard["turn"].tolist(), shard["length"].tolist(), ends)}
+    return meta, answers
 
-
-# ----------------------------------------------------------------------------------------------
-# Self-distillation data.
 
 def head_targets(answer, n_heads):
     """(A,) answer tokens -> (A, 1 + K) targets. Row i belongs to the hidden state that predicts
@@ -159,111 +149,73 @@ def head_targets(answer, n_heads):
 
 
 @torch.no_grad()
-def batched_generate(model, prompts, max_new_tokens, eos_id, temperature=0.0, generator=None):
-    """Answers to a batch of prompts (lists of ids), left-padded: greedy, or sampled at `temperature`.
-
-    Returns answers (B, A) (tokens past a row's length mean nothing), the hidden state that
-    predicted each answer token (B, A, C), and each answer's length (up to and including EOS). Rotary
-    positions are relative, so the left padding only needs masking; pad rows attend to themselves so
-    that no row is fully masked. Finished rows leave the batch (their cache rows too) once a quarter of it is done:
-    a batch costs about its number of rows per step, so idle rows would waste up to half the time.
-    """
-    device, B, P = model.embed.weight.device, len(prompts), max(map(len, prompts))
-    S = P + max_new_tokens
-    if S > model.config.block_size:
-        raise ValueError(f"prompt of {P} tokens + {max_new_tokens} answer tokens exceed the context of "
-                         f"{model.config.block_size}; use shorter prompts or max_answer_tokens")
-    idx = torch.zeros(B, P, dtype=torch.long, device=device)
-    real = torch.ones(B, S, dtype=torch.bool, device=device)  # (B, S) False at left padding
-    for b, p in enumerate(prompts):
-        idx[b, P - len(p):] = torch.tensor(p)
-        real[b, :P - len(p)] = False
-    allowed = torch.ones(S, S, dtype=torch.bool, device=device).tril()  # causal
-    self_only = torch.eye(S, dtype=torch.bool, device=device)
-
-    def mask(real, start, T):  # (rows, 1, T, start + T)
-        cols = slice(0, start + T)
-        return (allowed[start:start + T, cols] & (real[:, None, cols] | self_only[start:start + T, cols]))[:, None]
-
-    answers = torch.full((B, max_new_tokens), eos_id, dtype=torch.long, device=device)
-    states = torch.zeros(B, max_new_tokens, model.config.n_embd, dtype=model.embed.weight.dtype, device=device)
-    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
-    rows = torch.arange(B, device=device)  # original index of each row still in the batch
-    finished = torch.zeros(B, dtype=torch.bool, device=device)  # per row still in the batch
-    cache = KVCache(model.config, S, batch_size=B, device=device, dtype=model.embed.weight.dtype)
-    logits, hidden = model(idx, cache, mask=mask(real, 0, P))
-    cache.length = P
-    for i in range(max_new_tokens):
-        last = logits[:, -1].float()
-        if temperature > 0:
-            token = torch.multinomial(torch.softmax(last / temperature, -1), 1, generator=generator)[:, 0]
-        else:
-            token = last.argmax(-1)
-        answers[rows, i], states[rows, i] = token, hidden[:, -1]
-        newly = (token == eos_id) & ~finished
-        lengths[rows] = torch.where(newly, i + 1, lengths[rows])
-        finished |= newly
-        n_finished = int(finished.sum())  # the step's one host sync
-        if i + 1 == max_new_tokens or n_finished == len(rows):
-            break
-        if n_finished * 4 >= len(rows):  # drop finished rows from the batch and the cache
-            alive = ~finished
-            rows, token, real, finished = rows[alive], token[alive], real[alive], finished[alive]
-            cache.k, cache.v = cache.k[:, alive], cache.v[:, alive]
-        logits, hidden = model(token[:, None], cache, mask=mask(real, cache.length, 1))
-        cache.length += 1
-    return answers[:, :int(lengths.max())], states[:, :int(lengths.max())], lengths
-
-
-def self_distill(model, tokenizer, prompts, cfg, desc="self-distillation"):
-    """Answer every prompt greedily; return {"hidden": (M, C) bf16, "targets": (M, 1 + K) long}."""
-    eos_id = tokenizer.encode("<|im_end|>", allowed_special="all")[0]
-    encoded = sorted((chat_prompt(tokenizer, p) for p in prompts), key=len)  # similar lengths batch well
-    hidden, targets = [], []
-    batches = [encoded[i:i + cfg.gen_batch_size] for i in range(0, len(encoded), cfg.gen_batch_size)]
-    bar = tqdm(batches, desc=desc, unit="batch", disable=rank() > 0)
-    for batch in bar:
-        answers, states, lengths = batched_generate(model, batch, cfg.max_answer_tokens, eos_id)
-        for answer, state, n in zip(answers, states, lengths.tolist()):
-            hidden.append(state[:n].to(torch.bfloat16).cpu())
-            targets.append(head_targets(answer[:n].cpu(), cfg.n_heads))
-        bar.set_postfix(positions=sum(len(t) for t in targets))
-    return {"hidden": torch.cat(hidden), "targets": torch.cat(targets)}
-
-
-def self_instruct_prompts(model, tokenizer, n, cfg, seed):
-    """n requests written by the instruct model itself, sampled from the bare chat template (system
-    turn, then `<|im_start|>user`). They carry the model's fine-tuning mix (plans, emails, code, maths,
-    advice, rewrites, ...), the kinds of request that templates x topics miss. Kept: requests that
-    end within 96 tokens, have 3+ words, are distinct and overlap no benchmark prompt."""
-    eos_id = tokenizer.encode("<|im_end|>", allowed_special="all")[0]
-    start = chat_prompt(tokenizer, None)
-    generator = torch.Generator(model.embed.weight.device).manual_seed(seed)
-    kept, tries = {}, 0
-    bar = tqdm(total=n, desc="self-written requests", unit="prompt", disable=rank() > 0)
-    while len(kept) < n:
-        tries += 1
-        if tries > 10 + 4 * n / cfg.gen_batch_size:
-            raise ValueError(f"the model wrote only {len(kept)} usable requests of {n} after {tries - 1} "
-                             f"batches; lower n_self_instruct or raise prompt_temperature")
-        answers, _, lengths = batched_generate(model, [start] * cfg.gen_batch_size, 96, eos_id,
-                                               cfg.prompt_temperature, generator)
-        texts = [tokenizer.decode(a[:n_tok - 1].tolist()).strip()
-                 for a, n_tok in zip(answers, lengths.tolist()) if a[n_tok - 1] == eos_id]
-        for text in without_benchmark_prompts([t for t in texts if len(t.split()) >= 3 and "<|" not in t]):
-            if len(kept) < n and text not in kept:
-                kept[text] = None
-                bar.update()
+def teacher_forced_states(model, sequences, n_answer, max_tokens=8192):
+    """[(A_i, C) bf16]: the hidden states that predicted the last n_answer[i] tokens of each of the
+    sequences (context + answer ids), from one forward per batch of similar lengths (up to max_tokens
+    padded tokens). Right padding needs no mask: causal attention never looks right."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    states, start = [None] * len(sequences), 0
+    bar = tqdm(total=sum(map(len, sequences)), desc="hidden states", unit="tok", disable=rank() > 0)
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end + 1 - start) * len(sequences[order[end]]) <= max_tokens:
+            end += 1
+        batch = order[start:end]
+        idx = pad_sequence([torch.tensor(sequences[i][:-1]) for i in batch], batch_first=True)  # (b, T)
+        _, hidden = model(idx.to(model.embed.weight.device))  # (b, T, C)
+        for row, i in enumerate(batch):  # the hidden state at position p predicts token p + 1
+            states[i] = hidden[row, len(sequences[i]) - 1 - n_answer[i]:len(sequences[i]) - 1].to("cpu", torch.bfloat16)
+        bar.update(sum(len(sequences[i]) for i in batch))
+        start = end
     bar.close()
-    return list(kept)
+    return states
+
+
+def shard_data(model, tokenizer, rows, path, cfg):
+    """A shard's positions {"hidden" (M, C) bf16, "targets" (M, 1 + K), "category", "turn",
+    "held_out" (M,)}, recomputed from its answers and cached in out_dir/hidden/."""
+    meta, answers = read_shard(path)
+    if meta["backbone"] != model.fingerprint():
+        raise ValueError(f"{path} holds another backbone's answers; pass that backbone or another --answers_dir")
+    if meta["prompts"] != prompts_hash([rows[line] for line in sorted({line for line, _ in answers})]):
+        raise ValueError(f"{path} answers other prompts than {cfg.prompts}; regenerate it or pass its --prompts")
+    cache = os.path.join(cfg.out_dir, "hidden", os.path.basename(path).replace(".npz", ".pt"))
+    content = hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:16]
+    cache_key = [content, str(model.embed.weight.dtype), cfg.n_heads, cfg.holdout]
+    if os.path.exists(cache) and (cached := torch.load(cache, weights_only=True))["key"] == cache_key:
+        return cached["data"]
+    items = sorted(answers.items())  # ((line, turn), answer ids)
+    sequences = [conversation(tokenizer, rows[line], answers[line, 1] if turn == 2 else None) + ids
+                 for (line, turn), ids in items]
+    states = teacher_forced_states(model, sequences, [len(ids) for _, ids in items])
+
+    def per_position(value_of, dtype):  # one value per answer, repeated over its tokens
+        return torch.tensor([value_of(*item) for item, ids in items for _ in ids], dtype=dtype)
+    data = {"hidden": torch.cat(states),
+            "targets": torch.cat([head_targets(torch.tensor(ids), cfg.n_heads) for _, ids in items]),
+            "category": per_position(lambda line, turn: CATEGORIES.index(rows[line]["category"]), torch.uint8),
+            "turn": per_position(lambda line, turn: turn, torch.uint8),
+            "held_out": per_position(lambda line, turn: line % round(1 / cfg.holdout) == 0, torch.bool)}
+    write_atomically(cache, lambda tmp: torch.save({"key": cache_key, "data": data}, tmp))
+    return data
+
+
+def get_data(model, tokenizer, cfg):
+    """(train, held-out) positions of this rank's answer shards (shard k is rank k % world size's)."""
+    with open(os.path.join(ROOT, cfg.prompts)) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    paths = sorted(p for p in pathlib.Path(ROOT, cfg.answers_dir).glob("*.npz"))[:cfg.n_shards or None]
+    if len(paths) < world_size():
+        raise ValueError(f"{len(paths)} answer shards in {cfg.answers_dir} for {world_size()} ranks; "
+                         f"make them with data/generate_answers.py")
+    model = copy.deepcopy(model).to(getattr(torch, cfg.hidden_dtype))
+    parts = [shard_data(model, tokenizer, rows, str(p), cfg) for p in paths[rank()::world_size()]]
+    data = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return ({k: v[~data["held_out"]] for k, v in data.items()}, {k: v[data["held_out"]] for k, v in data.items()})
 
 
 # ----------------------------------------------------------------------------------------------
 # Training and evaluation of one head set.
-
-def head_weights(cfg):
-    return torch.tensor([cfg.head_decay ** k for k in range(cfg.n_heads)])
-
 
 def draft_vocabulary(targets, size, vocab_size):
     """(size,) sorted token ids: those the backbone wrote most often in the training answers (targets
@@ -301,7 +253,7 @@ def train_heads(heads, lm_weight, data, cfg, desc="heads"):
         n = torch.tensor(n_steps)
         torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
         n_steps = int(n)
-    weights = head_weights(cfg)
+    weights = torch.tensor([cfg.head_decay ** k for k in range(cfg.n_heads)])
     draft_weight = heads.draft_weight(lm_weight)  # (D, C)
     order = torch.cat([torch.randperm(M) for _ in range(cfg.epochs)])
     bar = tqdm(range(n_steps), desc=desc, unit="step", disable=rank() > 0)
@@ -353,12 +305,8 @@ def head1_entropy(heads, lm_weight, data, chunk=512):
 def accuracy(ranks):
     """Per-head top-1 and top-5, over positions where the head has a target."""
     valid = ranks != NO_TARGET
-    out = {}
-    for k in range(ranks.shape[1]):
-        r = ranks[valid[:, k], k]
-        out[f"head{k + 1}"] = {"top1": round(float((r < 1).float().mean()), 4),
-                               "top5": round(float((r < 5).float().mean()), 4)}
-    return out
+    return {f"head{k + 1}": {f"top{n}": round(float((ranks[valid[:, k], k] < n).float().mean()), 4) for n in (1, 5)}
+            for k in range(ranks.shape[1])}
 
 
 def accepted_lengths(ranks, tree):
@@ -517,48 +465,11 @@ def head_set_spec(name, n_heads):
                      f"+root, and Cerberus +token")
 
 
-SOURCES = {  # prompt source -> the config fields that define its data (the first is its prompt count)
-    "templates": ("n_prompts",),
-    "self_instruct": ("n_self_instruct", "prompt_temperature"),
-}
-
-
-def source_data(model, tokenizer, cfg, source):
-    """One prompt source's self-distilled {"train", "held_out", "seconds"}, cached in
-    out_dir/{source}_rank{r}.pt; under torchrun every rank answers its own share of the prompts."""
-    path = os.path.join(cfg.out_dir, f"{source}_rank{rank()}.pt")
-    key_fields = SOURCES[source] + ("max_answer_tokens", "n_heads", "holdout", "seed", "gen_dtype")
-    key = {k: getattr(cfg, k) for k in key_fields}
-    key["world_size"], key["backbone"] = world_size(), model.fingerprint()
-    if os.path.exists(path):
-        cached = torch.load(path, weights_only=True)
-        if cached["key"] == key:
-            return cached
-    gen_model = copy.deepcopy(model).to(getattr(torch, cfg.gen_dtype))
-    t0 = time.time()
-    if source == "templates":
-        prompts = training_prompts(cfg.n_prompts, cfg.seed)[rank()::world_size()]
-    else:
-        share = math.ceil(cfg.n_self_instruct / world_size())
-        prompts = self_instruct_prompts(gen_model, tokenizer, share, cfg, seed=cfg.seed * 1000 + rank())
-    n_held = max(1, int(len(prompts) * cfg.holdout))
-    data = {"key": key,
-            "held_out": self_distill(gen_model, tokenizer, prompts[:n_held], cfg, f"{source}: held-out answers"),
-            "train": self_distill(gen_model, tokenizer, prompts[n_held:], cfg, f"{source}: training answers")}
-    data["seconds"] = time.time() - t0
-    write_atomically(path, lambda tmp: torch.save(data, tmp))
-    return data
-
-
-def get_data(model, tokenizer, cfg):
-    """Self-distilled data of every prompt source with prompts: {source: source_data(...)}."""
-    return {source: source_data(model, tokenizer, cfg, source)
-            for source, key_fields in SOURCES.items() if getattr(cfg, key_fields[0]) > 0}
-
-
-def concat(parts):
-    """Positions of several data dicts ({"hidden", "targets"}) in one."""
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+def accuracy_by_category(ranks, held_out):
+    """{category: accuracy} over the held-out positions of each task category, and of second turns."""
+    groups = {name: held_out["category"] == c for c, name in enumerate(CATEGORIES)}
+    groups["second turns"] = held_out["turn"] == 2
+    return {name: accuracy(ranks[rows]) for name, rows in groups.items() if rows.any()}
 
 
 def train(cfg):
@@ -568,23 +479,20 @@ def train(cfg):
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_gguf(cfg.gguf) if cfg.gguf else load_smollm2()
     model = model.to(device).requires_grad_(False)
-    data = get_data(model, tokenizer, cfg)
-    train_data = concat([d["train"] for d in data.values()])
-    held_out = concat([d["held_out"] for d in data.values()])
-    held_out_sizes = [len(d["held_out"]["targets"]) for d in data.values()]  # to report accuracy per source
+    t0 = time.time()
+    train_data, held_out = get_data(model, tokenizer, cfg)
     lm_weight = model.lm_head.weight.to(getattr(torch, cfg.train_dtype))
     V = model.config.vocab_size
     vocab = draft_vocabulary(train_data["targets"], cfg.draft_vocab, V) if 0 < cfg.draft_vocab < V else None
     coverage = 1.0 if vocab is None else float(torch.isin(held_out["targets"][:, 0], vocab).float().mean())
     if rank() == 0:  # a held-out token outside the draft vocabulary is one no head can get right
-        print(f"draft vocabulary: {len(vocab) if vocab is not None else V} tokens, "
-              f"{coverage:.4f} of the held-out answers' tokens")
+        print(f"{len(train_data['targets']):,} training positions, {len(held_out['targets']):,} held out; "
+              f"draft vocabulary: {len(vocab) if vocab is not None else V} tokens, {coverage:.4f} of the held-out")
+    counts = torch.bincount(train_data["category"].long(), minlength=len(CATEGORIES)).tolist()
     metrics = {"config": asdict(cfg), "device": str(device), "positions": len(train_data["targets"]),
-               "held_out_positions": len(held_out["targets"]),
-               "data_seconds": round(sum(d["seconds"] for d in data.values()), 1),
-               "sources": {s: {"positions": len(d["train"]["targets"]),
-                               "held_out_positions": len(d["held_out"]["targets"]),
-                               "seconds": round(d["seconds"], 1)} for s, d in data.items()},
+               "held_out_positions": len(held_out["targets"]), "data_seconds": round(time.time() - t0, 1),
+               "positions_by_category": dict(zip(CATEGORIES, counts)),
+               "second_turn_positions": int((train_data["turn"] == 2).sum()),
                "draft_vocab": len(vocab) if vocab is not None else V, "held_out_in_draft_vocab": round(coverage, 4),
                "heads": {}}
 
@@ -603,17 +511,17 @@ def train(cfg):
         ranks = target_ranks(heads, lm_weight, held_out, cfg.n_heads)
         signals = {"backbone": backbone_entropy, "head1": head1_entropy(heads, lm_weight, held_out)}
         result = {"params": parameter_count(heads), "train_seconds": round(seconds, 1),
-                  "held_out": accuracy(ranks),
-                  "held_out_by_source": {s: accuracy(r) for s, r in zip(data, ranks.split(held_out_sizes))},
+                  "held_out": accuracy(ranks), "held_out_by_category": accuracy_by_category(ranks, held_out),
                   "gate": calibrate(ranks, signals, costs, draft_costs(heads, lm_weight))}
         metrics["heads"][name] = result
         calibration = {"entropy": backbone_entropy.half(), "head1_entropy": signals["head1"].half(), "ranks": ranks}
         save_heads(os.path.join(cfg.out_dir, f"{name}.pt"), heads, model,
                    {"gate": result["gate"], "held_out": result["held_out"], "train_config": asdict(cfg),
                     "calibration": calibration})  # lets the benchmark re-calibrate for its own device
-        print(f"{name}: {result['params']:,} params, {seconds:.0f}s, held-out {result['held_out']}, "
-              f"tree {len(result['gate']['tree']) + 1} nodes, threshold {result['gate']['threshold']:.3f} "
-              f"on {result['gate']['gate_on']}")
+        print(f"{name}: {result['params']:,} params, {seconds:.0f}s, tree {len(result['gate']['tree']) + 1} nodes, "
+              f"threshold {result['gate']['threshold']:.3f} on {result['gate']['gate_on']}")
+        for category, acc in {"all held-out": result["held_out"], **result["held_out_by_category"]}.items():
+            print(f"  {category:<13} top-1/top-5 " + "  ".join(f"{h} {a['top1']:.2f}/{a['top5']:.2f}" for h, a in acc.items()))
         print_entropy_curve(result["gate"]["entropy_curve"], result["gate"]["threshold"])
     if rank() == 0:
         write_atomically(os.path.join(cfg.out_dir, "metrics.json"),

@@ -1,21 +1,55 @@
-"""Head training: target offsets, a frozen backbone, heads that learn, checkpoints, DDP."""
+"""Head training: the prompt mix, answer shards, teacher-forced hidden states, target offsets, a frozen
+backbone, heads that learn, accuracy by category, checkpoints, DDP."""
 import dataclasses
+import json
 import os
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cerberus import CerberusHeads, MedusaHeads, Tree, generate, load_heads, save_heads
 from conftest import TINY, perturb, tiny_gpt, write_gguf
-from model import GPT, GPTConfig
-from train import (IGNORE, NO_TARGET, TrainConfig, batched_generate, calibrate, draft_classes, draft_vocabulary,
-                   head_set_spec, head_targets, parse_cli, self_distill, target_ranks,
-                   train_config, train_heads)
+from model import GPT, GPTConfig, load_gguf
+from train import (CATEGORIES, IGNORE, NO_TARGET, TrainConfig, accuracy_by_category, calibrate, conversation,
+                   draft_classes, draft_vocabulary, get_data, head_set_spec, head_targets, parse_cli, read_shard,
+                   shard_data, target_ranks, teacher_forced_states, train_config, train_heads)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "data"))
+import generate_answers as gen  # noqa: E402
+
+CHAT = GPTConfig(vocab_size=259, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=1024, tie_embeddings=False)
+
+
+class ByteChat:
+    """The chat markers as ids 0-2, then the 256 bytes: the layout of write_gguf's tokenizer."""
+    special = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+
+    def encode(self, text, allowed_special=()):
+        return [i for part in re.split(r"(<\|\w+\|>)", text)
+                for i in ([self.special[part]] if part in self.special else [b + 3 for b in part.encode()])]
+
+
+def prompt_rows(n):
+    """n prompt rows of every category in turn, every other one with a follow-up."""
+    return [{"category": CATEGORIES[i % len(CATEGORIES)], "prompt": f"Question {i}: what is {i} plus {i}?",
+             **({"follow_up": f"And times {i}?"} if i % 2 else {})} for i in range(n)]
+
+
+def answer_config(tmp_path, **overrides):
+    return gen.AnswerConfig(**{"answers_dir": str(tmp_path / "answers"), "max_answer_tokens": 12, "batch_size": 4,
+                               "dtype": "float32", **overrides})
+
+
+def all_answers(answers_dir):
+    """Every (line, turn) of every shard in a folder, in a list: duplicates stay visible."""
+    return [key for name in sorted(os.listdir(answers_dir)) if name.endswith(".npz")
+            for key in read_shard(os.path.join(answers_dir, name))[1]]
 
 
 def test_head_k_learns_token_t_plus_1_plus_k():
@@ -39,13 +73,154 @@ def test_batched_generation_equals_greedy_per_prompt():
     prompts = [torch.randint(0, TINY.vocab_size, (n,)).tolist() for n in (3, 9, 5, 12, 1, 7, 4, 10)]
     reference = [generate(model, p, 20)[0] for p in prompts]
     eos_id = max(set(t for r in reference for t in r), key=lambda t: sum(r.count(t) for r in reference))
-    answers, states, lengths = batched_generate(model, prompts, 20, eos_id)
+    answers, states, lengths = gen.batched_generate(model, prompts, 20, eos_id)
     assert len(set(lengths.tolist())) > 2  # rows end at different steps, so some leave the batch early
     for p, a, s, n in zip(prompts, answers, states, lengths.tolist()):
         expected = generate(model, p, 20, eos_id=eos_id)[0]
         assert a[:n].tolist() == expected
         _, hidden = model(torch.tensor([p + expected[:-1]]))
         torch.testing.assert_close(s[:n], hidden[0, len(p) - 1:], atol=1e-4, rtol=1e-4)
+
+
+def test_teacher_forced_states_equal_those_captured_while_generating():
+    """One right-padded forward over context + answer gives each answer token's hidden state as the
+    batched, cached generation saw it, first and second turns alike (an off-by-one shifts every target)."""
+    model, tok = tiny_gpt(config=CHAT), ByteChat()
+    rows = prompt_rows(6)
+    chats = [conversation(tok, row) for row in rows]
+    answers, states, lengths = gen.batched_generate(model, chats, 12, eos_id=2)
+    first = [a[:n].tolist() for a, n in zip(answers, lengths.tolist())]
+    seconds = [conversation(tok, row, ids) for row, ids in zip(rows, first) if row.get("follow_up")]
+    answers2, states2, lengths2 = gen.batched_generate(model, seconds, 12, eos_id=2)
+    sequences = [c + a for c, a in zip(chats, first)] + [c + a[:n].tolist() for c, a, n in zip(seconds, answers2, lengths2)]
+    n_answer = lengths.tolist() + lengths2.tolist()
+    recomputed = teacher_forced_states(model, sequences, n_answer, max_tokens=400)  # several batches
+    captured = [s[:n] for s, n in zip(list(states) + list(states2), n_answer)]
+    for r, c in zip(recomputed, captured):
+        torch.testing.assert_close(r.float(), c.to(torch.bfloat16).float(), atol=2e-2, rtol=2e-2)
+
+
+def test_a_second_turn_follows_the_models_own_first_answer():
+    """The follow-up comes after the first answer, closed by the end token even when it was cut at
+    max_answer_tokens, in the chat template's own layout."""
+    tok, row = ByteChat(), {"category": "chat", "prompt": "Hi", "follow_up": "More"}
+    first = conversation(tok, row)
+    assert first[-len(tok.encode("<|im_start|>assistant\n")):] == tok.encode("<|im_start|>assistant\n")
+    second_turn = tok.encode("<|im_end|>\n<|im_start|>user\nMore<|im_end|>\n<|im_start|>assistant\n")
+    assert conversation(tok, row, tok.encode("Hello<|im_end|>")) == first + tok.encode("Hello") + second_turn
+    assert conversation(tok, row, tok.encode("Hel")) == first + tok.encode("Hel") + second_turn
+
+
+def write_prompts(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_shards_resume_without_redoing_or_duplicating_work(tmp_path, monkeypatch):
+    """A run killed after two of three shards leaves two whole shards; the rerun makes only the third,
+    and the three hold every first turn and every follow-up exactly once, as one uninterrupted run does."""
+    model, tok = tiny_gpt(config=CHAT), ByteChat()
+    monkeypatch.setattr(gen, "SHARD_ROWS", 4)
+    rows, cfg = prompt_rows(12), answer_config(tmp_path)
+    made, answer_rows = [], gen.answer_rows
+
+    def killed_at_the_third(model, tokenizer, shard, cfg):
+        if len(made) == 2:
+            raise KeyboardInterrupt
+        made.append(min(shard))
+        return answer_rows(model, tokenizer, shard, cfg)
+    monkeypatch.setattr(gen, "answer_rows", killed_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        gen.generate_shards(model, tok, rows, cfg)
+    assert sorted(os.listdir(cfg.answers_dir)) == ["00000.npz", "00001.npz"]
+    made.clear()
+    monkeypatch.setattr(gen, "answer_rows", lambda *args: (made.append(min(args[2])), answer_rows(*args))[1])
+    paths = gen.generate_shards(model, tok, rows, cfg)
+    assert made == [8] and len(paths) == 3
+    done = all_answers(cfg.answers_dir)
+    assert sorted(done) == sorted({(i, 1) for i in range(12)} | {(i, 2) for i in range(1, 12, 2)})
+    fresh = answer_config(tmp_path / "fresh")
+    gen.generate_shards(model, tok, rows, fresh)
+    for name in os.listdir(fresh.answers_dir):
+        assert read_shard(os.path.join(fresh.answers_dir, name)) == read_shard(os.path.join(cfg.answers_dir, name))
+    made.clear()
+    gen.generate_shards(model, tok, rows, cfg)  # all there: nothing to do
+    assert made == []
+    with pytest.raises(ValueError, match="other prompts"):  # a changed prompt file must not reuse shards
+        gen.generate_shards(model, tok, prompt_rows(13)[1:], cfg)
+
+
+def test_a_killed_shard_write_leaves_no_half_shard(tmp_path, monkeypatch):
+    """A write cut off half way leaves no shard under its name (only a temporary file, which the next
+    run ignores), so the rerun makes that shard again, whole."""
+    model, tok = tiny_gpt(config=CHAT), ByteChat()
+    cfg, savez = answer_config(tmp_path), np.savez
+
+    def cut_off(f, **arrays):
+        f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(gen.np, "savez", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        gen.generate_shards(model, tok, prompt_rows(5), cfg)
+    assert not any(name.endswith(".npz") for name in os.listdir(cfg.answers_dir))
+    monkeypatch.setattr(gen.np, "savez", savez)
+    gen.generate_shards(model, tok, prompt_rows(5), cfg)
+    assert sorted(all_answers(cfg.answers_dir)) == sorted([(i, 1) for i in range(5)] + [(1, 2), (3, 2)])
+
+
+def test_shard_positions_line_up_with_their_targets(tmp_path, monkeypatch):
+    """Teacher-forced positions from a shard: each row's hidden state predicts its column-0 target (the
+    backbone's own greedy token), categories and turns follow the prompt rows, and every 1/holdout-th
+    prompt line, both turns, is held out. A shard of another backbone is refused."""
+    model, tok = tiny_gpt(config=CHAT), ByteChat()
+    rows = prompt_rows(10)
+    prompts = write_prompts(tmp_path / "prompts.jsonl", rows)
+    gen.generate_shards(model, tok, rows, answer_config(tmp_path))
+    cfg = TrainConfig(prompts=prompts, answers_dir=str(tmp_path / "answers"), out_dir=str(tmp_path / "run"),
+                      n_heads=2, holdout=0.25, hidden_dtype="float32")
+    train, held = get_data(model, tok, cfg)
+    for data in (train, held):
+        assert torch.equal(model.lm_head(data["hidden"].float()).argmax(-1), data["targets"][:, 0])
+    _, answers = read_shard(str(tmp_path / "answers" / "00000.npz"))
+    assert len(held["targets"]) == sum(len(ids) for (line, _), ids in answers.items() if line % 4 == 0)
+    assert set(held["category"].tolist()) == {0, 4} and set(train["turn"].tolist()) == {1, 2}
+    assert os.path.exists(tmp_path / "run" / "hidden" / "00000.pt")  # cached for the next run
+    with pytest.raises(ValueError, match="another backbone"):
+        shard_data(tiny_gpt(seed=1, config=CHAT), tok, rows, str(tmp_path / "answers" / "00000.npz"), cfg)
+
+
+def test_prompts_that_overlap_a_benchmark_prompt_are_refused(tmp_path, monkeypatch):
+    """Any turn sharing an 8-word run with a benchmark turn, or holding a short one whole, is refused."""
+    monkeypatch.setattr(gen, "benchmark_prompts", lambda: ["Write a haiku about the first snow of the winter.",
+                                                           "Make it rhyme."])
+    assert gen.overlaps_benchmark(["Please write a HAIKU about the first snow of the winter, thanks",
+                                   "Could you make it rhyme?", "Write a haiku about autumn.", "make it"]) == \
+        ["Please write a HAIKU about the first snow of the winter, thanks", "Could you make it rhyme?", "make it"]
+    clean = prompt_rows(3)
+    assert gen.load_prompts(write_prompts(tmp_path / "clean.jsonl", clean)) == clean
+    for bad in ({"prompt": "Hello", "follow_up": "Now make it rhyme."}, {"prompt": "write a haiku about the first snow of the winter"}):
+        with pytest.raises(ValueError, match="overlap a benchmark prompt"):
+            gen.load_prompts(write_prompts(tmp_path / "bad.jsonl", clean + [{"category": "chat", **bad}]))
+    with pytest.raises(ValueError, match="is not one of"):
+        gen.load_prompts(write_prompts(tmp_path / "bad.jsonl", [{"category": "poetry", "prompt": "Hi"}]))
+
+
+def test_the_committed_prompt_mix_is_disjoint_from_the_benchmarks_and_balanced():
+    rows = gen.load_prompts("data/train_prompts.jsonl")  # raises on any overlap
+    counts = [sum(r["category"] == c for r in rows) for c in CATEGORIES]
+    assert min(counts) >= 400 and max(counts) <= 1200  # balanced by task type, not 83% maths and trivia
+    assert all(r["license"] and r["source"] for r in rows)
+    assert 0.4 < sum("follow_up" in r for r in rows) / len(rows) < 0.8
+
+
+def test_accuracy_by_category_counts_only_that_categorys_positions():
+    ranks = torch.tensor([[0, 0], [3, NO_TARGET], [0, 7], [9, 0]], dtype=torch.uint8)
+    held_out = {"category": torch.tensor([0, 0, 2, 2], dtype=torch.uint8), "turn": torch.tensor([1, 2, 1, 2])}
+    by_category = accuracy_by_category(ranks, held_out)
+    assert list(by_category) == [CATEGORIES[0], CATEGORIES[2], "second turns"]
+    assert by_category[CATEGORIES[0]] == {"head1": {"top1": 0.5, "top5": 1.0}, "head2": {"top1": 1.0, "top5": 1.0}}
+    assert by_category[CATEGORIES[2]]["head1"] == {"top1": 0.5, "top5": 0.5}
+    assert by_category["second turns"]["head2"] == {"top1": 1.0, "top5": 1.0}
 
 
 def counting_backbone():
@@ -65,33 +240,25 @@ def counting_backbone():
     return model.eval().requires_grad_(False)
 
 
-class ByteTokenizer:  # the two methods self_distill needs, for a model without a real tokenizer
-    def encode(self, text, allowed_special=()):
-        return [1] if text == "<|im_end|>" else list(text.encode())[:8]
-
-
 @pytest.mark.parametrize("spec,draft_vocab", [({}, 0), (dict(reads_root=True), 0), (dict(reads_root=True), 128),
                                               (dict(link="token"), 128)])
-def test_brief_training_raises_accepted_length(monkeypatch, spec, draft_vocab):
+def test_brief_training_raises_accepted_length(spec, draft_vocab):
     """Heads trained on a predictable backbone must be accepted: tau well above 1 — and the
     backbone stays bit-identical through training. Also with a draft vocabulary of half the tokens
     (the ones the answers use), which the loss and the drafts must both index the same way."""
     model = counting_backbone()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setattr("train.chat_prompt", lambda tok, text: tok.encode(text))
-    cfg = TrainConfig(n_heads=3, max_answer_tokens=24, gen_batch_size=16, batch_size=64, lr=3e-3, warmup=10,
-                      gen_dtype="float32")
-    prompts = [f"{a:c}{b:c}" for a, b in torch.randint(33, 126, (48, 2)).tolist()]
-    data = self_distill(model, ByteTokenizer(), prompts, cfg)
-    # Each row's root (column 0) is the backbone's own choice from that row's hidden state, as in
-    # generate(), where the heads read argmax(lm_head(last_hidden)): the variant trains on what it sees.
-    assert torch.equal(model.lm_head(data["hidden"].float()).argmax(-1), data["targets"][:, 0])
+    cfg = TrainConfig(n_heads=3, batch_size=64, lr=3e-3, warmup=10, epochs=20)
+    prompts = torch.randint(33, 126, (48, 2)).tolist()
+    answers, states, lengths = gen.batched_generate(model, prompts, 24, eos_id=1)
+    data = {"hidden": torch.cat([s[:n] for s, n in zip(states, lengths)]),
+            "targets": torch.cat([head_targets(a[:n], 3) for a, n in zip(answers, lengths)])}
     heads = CerberusHeads(TINY, n_heads=3, **spec)
     if draft_vocab:
         heads.draft_over(draft_vocabulary(data["targets"], draft_vocab, TINY.vocab_size))
     prompt, tree = [40, 41, 42], Tree.chain(3)
     _, untrained = generate(model, prompt, 30, heads=heads, tree=tree)
-    train_heads(heads, model.lm_head.weight, data, TrainConfig(**{**vars(cfg), "epochs": 20}))
+    train_heads(heads, model.lm_head.weight, data, cfg)
     ids, trained = generate(model, prompt, 30, heads=heads, tree=tree)
     assert ids == generate(model, prompt, 30)[0]
     assert untrained.tokens_per_step < 1.5 and trained.tokens_per_step > 2.5
@@ -196,25 +363,28 @@ def test_cli_overrides_and_recipes():
             head_set_spec(name, 4)
 
 
-def test_torchrun_ddp_on_two_cpu_processes(tmp_path):
-    """`torchrun --nproc_per_node=2 train.py` trains with DDP (gloo) and rank 0 writes the heads."""
-    config = GPTConfig(vocab_size=259, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=512,
-                       tie_embeddings=False)
-    model = tiny_gpt(config=config)
-    write_gguf(tmp_path / "tiny.gguf", model, special=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+def test_torchrun_ddp_on_two_cpu_processes(tmp_path, monkeypatch):
+    """`torchrun --nproc_per_node=2 train.py` trains with DDP (gloo), each rank on its own answer shard,
+    and rank 0 writes the heads."""
+    write_gguf(tmp_path / "tiny.gguf", tiny_gpt(config=CHAT), special=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    model, tok = load_gguf(str(tmp_path / "tiny.gguf"))
+    monkeypatch.setattr(gen, "SHARD_ROWS", 8)
+    prompts = write_prompts(tmp_path / "prompts.jsonl", prompt_rows(16))
+    gen.generate_shards(model, tok, gen.load_prompts(prompts), answer_config(tmp_path, max_answer_tokens=8))
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py"), f"--gguf={tmp_path / 'tiny.gguf'}", f"--out_dir={out}",
-           "--n_prompts=16", "--max_answer_tokens=8", "--batch_size=8", "--heads=cerberus", "--n_heads=2",
-           "--gen_dtype=float32", "--draft_vocab=100"]
+           f"--prompts={prompts}", f"--answers_dir={tmp_path / 'answers'}", "--n_shards=0", "--holdout=0.25",
+           "--batch_size=8", "--heads=cerberus", "--n_heads=2", "--hidden_dtype=float32", "--draft_vocab=100"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(os.listdir(out)) == ["cerberus.pt", "metrics.json", "templates_rank0.pt", "templates_rank1.pt"]
-    from model import load_gguf
-    loaded, _ = load_gguf(str(tmp_path / "tiny.gguf"))
-    heads, ckpt = load_heads(str(out / "cerberus.pt"), loaded)
+    assert sorted(os.listdir(out)) == ["cerberus.pt", "hidden", "metrics.json"]
+    assert sorted(os.listdir(out / "hidden")) == ["00000.pt", "00001.pt"]  # one shard per rank
+    heads, ckpt = load_heads(str(out / "cerberus.pt"), model)
     assert heads.n_heads == 2 and "threshold" in ckpt["gate"] and len(heads.vocab) == 100
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["heads"]["cerberus"]["held_out_by_category"]) <= set(CATEGORIES) | {"second turns"}
 
 
 def test_calibration_gates_off_the_hard_positions():
