@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import cache_for, linear
+from model import KVCache, linear
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,10 +197,16 @@ DEFAULT_ACCURACY = [
 ]
 
 
-class Tree:
+class Tree(nn.Module):
+    """A token tree's fixed structure, as buffers on the decode step's device:
+    parents, depth, rank (N,); ancestors (N, N) bool, ancestors[i, j] = node j is on root..i;
+    path (N, max_depth + 1): the nodes root..i in order, padded with i, so that keeping an accepted
+    path always moves max_depth + 1 slots, a fixed shape. on_path[i]: the same, unpadded, for the host."""
+
     def __init__(self, paths):
         """paths: Medusa-style rank tuples, e.g. [(0,), (1,), (0, 0)]: (0, 0) is head 1's top
         candidate followed by head 2's top candidate. Every prefix of a path must be a path too."""
+        super().__init__()
         paths = sorted(set(map(tuple, paths)), key=lambda p: (len(p), p))
         index = {(): 0}
         for p in paths:
@@ -209,15 +215,17 @@ class Tree:
             if p[:-1] not in index:
                 raise ValueError(f"tree path {p!r} lacks its parent {p[:-1]!r}; list every prefix")
             index[p] = len(index)
-        self.paths = paths
-        N = len(index)
-        self.parents = torch.tensor([-1] + [index[p[:-1]] for p in paths])  # (N,)
-        self.depth = torch.tensor([0] + [len(p) for p in paths])  # (N,)
-        self.rank = torch.tensor([0] + [p[-1] for p in paths])  # (N,)
-        self.ancestors = torch.eye(N, dtype=torch.bool)  # (N, N): ancestors[i, j] = j is on root..i
-        for i in range(1, N):
-            self.ancestors[i] |= self.ancestors[self.parents[i]]
+        self.paths, N = paths, len(index)
         self.n_nodes, self.max_depth = N, len(paths[-1]) if paths else 0
+        self.on_path = [[index[p[:d]] for d in range(len(p) + 1)] for p in [()] + paths]  # root..node
+        ancestors = torch.zeros(N, N, dtype=torch.bool)
+        for i, nodes in enumerate(self.on_path):
+            ancestors[i, nodes] = True
+        buffers = dict(parents=[-1] + [index[p[:-1]] for p in paths], depth=[len(p) for p in [()] + paths],
+                       rank=[0] + [p[-1] for p in paths], ancestors=ancestors,
+                       path=[nodes + nodes[-1:] * (self.max_depth + 1 - len(nodes)) for nodes in self.on_path])
+        for name, value in buffers.items():
+            self.register_buffer(name, torch.as_tensor(value), persistent=False)
         self.max_rank = int(self.rank.max())
 
     @classmethod
@@ -252,18 +260,16 @@ class Tree:
             return cls.best(DEFAULT_ACCURACY, int(name[6:]))
         raise ValueError(f"unknown tree preset {name!r}; choose chain1..chain5 or sparse8/16/32/64")
 
-    def to(self, device):
-        for name in ("parents", "depth", "rank", "ancestors"):
-            setattr(self, name, getattr(self, name).to(device))
-        return self
+    def mask(self, length, n_slots):
+        """(N, n_slots) bool attention mask of the nodes, written at slots [length, length + N): every
+        committed slot (< length), then the node's own ancestors, nothing else. length: an int, or a
+        (1,) tensor (then no shape depends on its value)."""
+        offset = torch.arange(n_slots, device=self.ancestors.device) - length  # (n_slots,) node index held
+        in_tree = (offset >= 0) & (offset < self.n_nodes)
+        return (offset < 0) | (in_tree & self.ancestors[:, offset.clamp(0, self.n_nodes - 1)])
 
-    def mask(self, n_cached):
-        """(N, L + N) bool attention mask: every committed token, then the node's own ancestors."""
-        seen = torch.ones(self.n_nodes, n_cached, dtype=torch.bool, device=self.ancestors.device)
-        return torch.cat([seen, self.ancestors], dim=1)
-
-    def __repr__(self):
-        return f"Tree(n_nodes={self.n_nodes}, max_depth={self.max_depth}, paths={self.paths})"
+    def extra_repr(self):
+        return f"n_nodes={self.n_nodes}, max_depth={self.max_depth}, paths={self.paths}"
 
 
 def propose(drafts, root, tree, vocab=None):
@@ -276,16 +282,67 @@ def propose(drafts, root, tree, vocab=None):
 
 
 def verify(tokens, target, tree):
-    """Greedy verification. tokens (N,) drafted; target (N,) the backbone's argmax at each node.
+    """tokens (N,) drafted; target (N,) the backbone's own token after each node (its argmax, or its
+    sampled draw). A node is correct if its token is the backbone's choice after its parent. Returns
+    the deepest node whose whole path root..node is correct, (1,): a fixed shape, no host read."""
+    correct = (tokens == target[tree.parents]) | (tree.depth == 0)  # the root (parent -1) is the backbone's own
+    all_correct = ~(tree.ancestors & ~correct).any(-1)  # (N,)
+    return torch.argmax(tree.depth * all_correct, dim=0, keepdim=True)
 
-    A node is correct if its token is the backbone's choice after its parent. Returns the accepted
-    path (node indices, root first): the deepest node whose ancestors are all correct.
-    """
-    # (N,) the token is the backbone's choice after the parent; the root (parent -1) is its own choice
-    correct = (tokens == target[tree.parents]) | (tree.depth == 0)
-    all_correct = ~(tree.ancestors & ~correct).any(-1)  # (N,) the whole root..node path is correct
-    best = torch.argmax(tree.depth * all_correct)
-    return tree.ancestors[best].nonzero().squeeze(1)
+
+# ----------------------------------------------------------------------------------------------
+# Sampling. The token at absolute position t is drawn by inverse CDF with one uniform number that
+# depends only on (seed, t). Every tree node draws the backbone's own token that way; a tree step then
+# accepts exactly the drafts AR sampling would have drawn, and its draws are AR's draws.
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy (argmax)
+    top_k: int = 0  # then keep the k most likely tokens; 0 = all
+    top_p: float = 1.0  # then the fewest most likely tokens whose probability reaches top_p; 1 = all
+
+    def __post_init__(self):
+        if not self.temperature >= 0:  # NaN fails too
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1] (1 = no nucleus cut), got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = all tokens), got {self.top_k}")
+
+
+def warp(logits, sampling):
+    """(N, V) logits -> (N, V) unnormalised probabilities: divide by the temperature, keep the top_k
+    most likely, then the fewest of those whose share of their mass reaches top_p (the token that
+    crosses top_p is kept); 0 elsewhere."""
+    p = (logits.float() / sampling.temperature).softmax(-1)
+    if sampling.top_k == 0 and sampling.top_p == 1:
+        return p
+    top, ids = p.topk(sampling.top_k or p.shape[-1], dim=-1)  # (N, k), most likely first
+    before = top.cumsum(-1) - top  # mass of the more likely tokens
+    top = top * (before < sampling.top_p * top.sum(-1, keepdim=True))
+    return torch.zeros_like(p).scatter(-1, ids, top)
+
+
+def uniform(seed, position):
+    """(N,) numbers in [0, 1) that depend only on (seed, position): a 32-bit integer hash of both, so
+    the device computes them inside the step with no generator state. seed (1,), position (N,)."""
+    def mix(x):  # multipliers < 2**27 keep every product of 32-bit values inside int64
+        for _ in range(3):
+            x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+        return x
+    bits = mix(mix(seed & 0xFFFFFFFF) ^ position)
+    return (bits >> 8).float() / 2 ** 24  # 24 bits: exact in float32
+
+
+def choose(logits, position, seed, sampling):
+    """The backbone's token after each row of logits (N, V), the token landing at `position` (N,):
+    its argmax when greedy, else a draw from the warped distribution. The CDF runs in token-id order,
+    a fixed order: a re-ranking of near-tied tokens by rounding cannot move the draw."""
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    cdf = warp(logits, sampling).cumsum(-1)  # (N, V)
+    u = uniform(seed, position) * cdf[:, -1]  # (N,) in [0, total mass)
+    return torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,7 +386,119 @@ def load_heads(path, model):
 
 
 # ----------------------------------------------------------------------------------------------
-# The decode loop.
+# The decode step and the loop. What a step reads and advances (the KV cache, its length, the root
+# token, the last hidden state) lives on the device at fixed addresses, and every shape is fixed by
+# the tree, so torch.compile captures a whole step, draft -> propose -> forward -> verify -> keep ->
+# gate, as one graph (one CUDA graph on a GPU). The host reads one small tensor per step.
+
+class Decoder(nn.Module):
+    """Decodes with one backbone, head set, tree, gate signal and sampling rule, into its own KV cache
+    of max_len slots; reused across prompts, its shapes (and compiled graphs) never change. Without
+    heads every step is an AR step. An AR step is the same step as a tree step, on the root-only tree."""
+
+    def __init__(self, model, heads=None, tree=None, gate_on="backbone", sampling=Sampling(), max_len=1024):
+        super().__init__()
+        if gate_on not in ("backbone", "head1"):
+            raise ValueError(f"unknown gate_on {gate_on!r}: use 'backbone' (next-token entropy) or 'head1'")
+        if tree is not None and heads is None:
+            raise ValueError("a tree needs draft heads: pass heads=... or drop tree=")
+        tree = Tree.chain(heads.n_heads) if heads is not None and tree is None else tree or Tree([])
+        check_heads(model, heads, tree)
+        cfg, weight = model.config, model.embed.weight
+        self.model, self.heads, self.tree, self.root_only = model, heads, tree, Tree([])
+        self.gate_on, self.sampling = gate_on, sampling
+        self.cache = KVCache(cfg, max_len, device=weight.device, dtype=weight.dtype)
+        draft_dtype = next(heads.parameters()).dtype if heads is not None else weight.dtype
+        self.register_buffer("draft_weight", heads.draft_weight(model.lm_head.weight).to(draft_dtype)
+                             if heads is not None else None, persistent=False)  # (D, C), one copy
+        state = dict(length=torch.zeros(1, dtype=torch.long), root=torch.zeros(1, dtype=torch.long),
+                     hidden=torch.zeros(cfg.n_embd, dtype=weight.dtype), seed=torch.zeros(1, dtype=torch.long),
+                     threshold=torch.zeros(1), drafts=torch.zeros(tree.max_depth, heads.n_draft_tokens if heads else 0))
+        for name, value in state.items():  # persistent=False: the state is no part of a checkpoint
+            self.register_buffer(name, value.to(weight.device), persistent=False)
+        for buffer in (self.cache.k, self.cache.v, *state.values()):
+            torch._dynamo.mark_static_address(buffer)  # CUDA graphs write into them in place
+        self.to(weight.device)
+
+    def draft(self):
+        """Draft logits of heads 1..max_depth from the last accepted hidden state and root: (K, D)."""
+        root_vec = self.model.lm_head.weight[self.root]  # (1, C): heads that read the root need its row
+        return head_logits(self.heads, self.draft_weight, self.hidden[None], self.tree.max_depth, root_vec)[:, 0]
+
+    def settle(self, logits, hidden, position):
+        """After a prefill or a step: the next root drawn from logits (1, V) at position (1,), the
+        hidden state (1, C) kept, and the gate for the next step: its choice, (1,) long, 1 = a tree
+        step, and the entropy it read, (1,)."""
+        self.root.copy_(choose(logits, position, self.seed, self.sampling))
+        self.hidden.copy_(hidden[0])
+        if self.heads is None:
+            return torch.zeros_like(self.root), torch.zeros_like(self.threshold)
+        if self.gate_on == "head1":  # head 1 must run before the gate can read it: draft now
+            self.drafts.copy_(self.draft())
+        signal = entropy(self.drafts[:1] if self.gate_on == "head1" else logits)  # (1,)
+        return (signal < self.threshold).long(), signal
+
+    def step(self, parallel):
+        """One decode step: a tree step (parallel=True) or an AR step. Advances the state in place and
+        returns (3 + N,) long: the number of new tokens, the accepted node, the gate's choice for the
+        next step, then the N node tokens (the new tokens are the accepted node's path); and the
+        entropy the gate read, (1,)."""
+        tree = self.tree if parallel else self.root_only
+        L = self.length  # (1,) committed tokens
+        tokens = self.root.clone()  # (1,): settle overwrites the root below
+        if parallel:
+            drafts = self.drafts if self.gate_on == "head1" else self.draft()
+            tokens = propose(drafts, self.root, tree, self.heads.vocab)  # (N,)
+        position = L + tree.depth  # (N,) siblings share a position
+        mask = tree.mask(L, self.cache.max_len)  # (N, max_len)
+        logits, hidden = self.model.layers(tokens[None], position, mask, self.cache, L + torch.arange(
+            tree.n_nodes, device=L.device))
+        target = choose(logits[0], position + 1, self.seed, self.sampling)  # (N,) the backbone's own next tokens
+        best = verify(tokens, target, tree)  # (1,)
+        path = tree.path[best][0]  # (max_depth + 1,) root..best, padded: a fixed number of slots
+        self.cache.move(L + path, L + torch.arange(len(path), device=L.device))  # padding lands past the end
+        n_new = tree.depth[best] + 1
+        self.length.add_(n_new)
+        parallel_next, signal = self.settle(logits[0, best], hidden[0, best], position[best] + 1)
+        return torch.cat([n_new, best, parallel_next, tokens]), signal
+
+    def compile(self, mode="default"):
+        """torch.compile the step, whole (fullgraph) and with fixed shapes: one graph per tree (the
+        root-only tree included), reused for every prompt. mode="reduce-overhead" on CUDA replays it
+        as a CUDA graph. The prefill, a new length for every prompt, stays eager."""
+        self.step = torch.compile(self.step, fullgraph=True, dynamic=False, mode=mode)
+        return self
+
+    @torch.no_grad()
+    def generate(self, prompt_ids, max_new_tokens, gate_threshold=float("inf"), eos_id=None, seed=0, trace=False):
+        """New token ids (EOS included when hit) and Stats for one prompt; see `generate`."""
+        prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.length.device)
+        check_request(self.model, prompt, max_new_tokens, self.tree, self.cache.max_len)
+        if gate_threshold != gate_threshold:
+            raise ValueError("gate_threshold is NaN: use 0 (always AR), inf (always a tree) or a value in nats")
+        self.seed.fill_(seed)
+        self.threshold.fill_(gate_threshold)
+        self.cache.length = 0
+        logits, hidden = self.model(prompt[None], self.cache)  # prefill, eager
+        self.length.fill_(len(prompt))
+        parallel, signal = self.settle(logits[0, -1:], hidden[0, -1:], self.length)
+        parallel = bool(parallel)
+        out, stats = [], Stats(trace=[] if trace else None)
+        while len(out) < max_new_tokens and eos_id not in out[-1:]:
+            gate = float(signal) if trace and self.heads is not None else None  # extra reads: trace only
+            packed, signal = self.step(parallel)
+            n_new, best, parallel_next, *tokens = packed.tolist()  # the step's one host read
+            nodes = self.tree.on_path[best] if parallel else [0]  # root..the accepted node
+            new = [tokens[i] for i in nodes]
+            if eos_id in new:
+                new = new[:new.index(eos_id) + 1]  # EOS may arrive inside an accepted chunk
+            out += new[:max_new_tokens - len(out)]
+            stats.record(parallel, n_new, len(out) - stats.new_tokens,
+                         dict(gate=gate, tree=tokens, path=nodes, emitted=out[stats.new_tokens:]) if parallel else
+                         dict(gate=gate, tree=None, path=None, emitted=out[stats.new_tokens:]))
+            parallel = bool(parallel_next)
+        return out, stats
+
 
 @dataclass
 class Stats:
@@ -337,7 +506,18 @@ class Stats:
     ar_steps: int = 0  # of which plain AR steps (the gate said no, or no heads)
     new_tokens: int = 0
     accept_lengths: list = field(default_factory=list)  # drafts accepted at each parallel step
-    trace: list = None  # per step: gate value, tree tokens, accepted path, emitted tokens (trace=True)
+    trace: list = None  # per step: its kind, tree tokens, accepted path, emitted tokens (trace=True)
+
+    def record(self, parallel, n_new, n_emitted, step):
+        """One step: n_new tokens accepted (the backbone's own included), n_emitted kept after EOS and
+        max_new_tokens cut, and the step's trace entry."""
+        self.steps += 1
+        self.ar_steps += not parallel
+        self.new_tokens += n_emitted
+        if parallel:
+            self.accept_lengths.append(n_new - 1)
+        if self.trace is not None:
+            self.trace.append(step)
 
     @property
     def tokens_per_step(self):
@@ -349,8 +529,21 @@ class Stats:
         return dict(sorted(Counter(self.accept_lengths).items()))
 
 
-def check_request(model, prompt, max_new_tokens, heads, tree, gate_on):
-    """Turn bad input into a ValueError that names the problem and the fix."""
+def check_heads(model, heads, tree):
+    """Heads built for another backbone, or too few for the tree: a ValueError that says so."""
+    cfg = model.config
+    if heads is None:
+        return
+    if (heads.n_embd, heads.vocab_size) != (cfg.n_embd, cfg.vocab_size):
+        raise ValueError(f"heads were built for width {heads.n_embd} / vocab {heads.vocab_size}, but the "
+                         f"model has {cfg.n_embd} / {cfg.vocab_size}: train heads for this model")
+    if tree.max_depth > heads.n_heads:
+        raise ValueError(f"tree depth {tree.max_depth} needs {tree.max_depth} heads, but only "
+                         f"{heads.n_heads} are given: use a shallower tree or more heads")
+
+
+def check_request(model, prompt, max_new_tokens, tree, max_len):
+    """Turn a bad prompt or length into a ValueError that names the problem and the fix."""
     cfg = model.config
     if prompt.ndim != 1 or len(prompt) == 0:
         raise ValueError("the prompt is empty (or not 1-D): pass at least one token id")
@@ -359,91 +552,26 @@ def check_request(model, prompt, max_new_tokens, heads, tree, gate_on):
                          f"{int(prompt.max())} (was the text encoded with this model's tokenizer?)")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    depth = tree.max_depth if tree is not None else 0
-    if len(prompt) + max_new_tokens + depth > cfg.block_size:
-        raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) + tree depth ({depth}) "
+    if len(prompt) + max_new_tokens + tree.max_depth > cfg.block_size:
+        raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) + tree depth ({tree.max_depth}) "
                          f"exceeds the context of {cfg.block_size} tokens; shorten the prompt or generate less")
-    if tree is not None and heads is None:
-        raise ValueError("a tree needs draft heads: pass heads=... or drop tree=")
-    if gate_on not in ("backbone", "head1"):
-        raise ValueError(f"unknown gate_on {gate_on!r}: use 'backbone' (next-token entropy) or 'head1'")
-    if heads is not None:
-        if (heads.n_embd, heads.vocab_size) != (cfg.n_embd, cfg.vocab_size):
-            raise ValueError(f"heads were built for width {heads.n_embd} / vocab {heads.vocab_size}, but the "
-                             f"model has {cfg.n_embd} / {cfg.vocab_size}: train heads for this model")
-        if tree.max_depth > heads.n_heads:
-            raise ValueError(f"tree depth {tree.max_depth} needs {tree.max_depth} heads, but only "
-                             f"{heads.n_heads} are given: use a shallower tree or more heads")
+    if len(prompt) + max_new_tokens + tree.n_nodes > max_len:
+        raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) + tree ({tree.n_nodes} nodes) "
+                         f"overflow the decoder's KV cache of {max_len} slots; build the Decoder with a larger max_len")
 
 
-@torch.no_grad()
-def generate(model, prompt_ids, max_new_tokens, heads=None, tree=None, gate_threshold=float("inf"),
-             eos_id=None, gate_on="backbone", trace=False, draft_weight=None, cache=None):
-    """Greedy decoding of one prompt; returns (new token ids, Stats). Without heads: plain AR.
+def generate(model, prompt_ids, max_new_tokens, heads=None, tree=None, gate_threshold=float("inf"), eos_id=None,
+             gate_on="backbone", temperature=0.0, top_k=0, top_p=1.0, seed=0, trace=False):
+    """Decode one prompt: (new token ids, Stats). Without heads: plain AR.
 
-    With heads: at each step, if the entropy of the gate's distribution (`gate_on`: "backbone",
-    the next-token distribution; or "head1", head 1's) is below `gate_threshold`, a parallel step
-    (0 = always AR, inf = always parallel). The ids are those of greedy AR whatever the heads do.
-    draft_weight: the lm_head rows the heads draft through, heads.draft_weight(lm_head weight) cast
-    to the heads' dtype; made here by default (pass it to make that copy once, not in every call).
-    cache: a KVCache to decode into, from slot 0 (default: a fresh one sized for this call). One static
-    cache reused by every call keeps the shapes of compiled steps fixed (GPT.compile_steps).
+    With heads, before each step the gate reads an entropy (`gate_on`: "backbone", the next-token
+    distribution; "head1", head 1's): below `gate_threshold` a tree step, else an AR step (0 = always
+    AR, inf = always a tree). temperature 0 is greedy; otherwise tokens are sampled from the
+    distribution warped by temperature, top_k and top_p, and the draw at each position depends only
+    on (seed, position). Either way the ids are those of AR decoding, whatever the heads, tree and
+    gate (in float32). To decode many prompts, or compiled, build a Decoder once and call its generate.
     """
-    device = model.embed.weight.device
-    prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
-    if heads is not None and tree is None:
-        tree = Tree.chain(heads.n_heads)
-    check_request(model, prompt, max_new_tokens, heads, tree, gate_on)
-    if heads is not None:
-        tree = tree.to(device)
-        lm_weight = model.lm_head.weight  # (V, C): the root's row, for heads that read the root
-        if draft_weight is None:
-            draft_weight = heads.draft_weight(lm_weight).to(next(heads.parameters()).dtype)
-        if len(draft_weight) != heads.n_draft_tokens:
-            raise ValueError(f"draft_weight has {len(draft_weight)} rows but the heads draft over "
-                             f"{heads.n_draft_tokens} tokens: pass heads.draft_weight(model.lm_head.weight)")
-
-    cache = cache_for(model, len(prompt) + max_new_tokens + (tree.n_nodes if tree else 1), cache)
-    logits, hidden = model(prompt[None], cache)  # prefill
-    cache.length = len(prompt)
-    next_logits, last_hidden = logits[0, -1], hidden[0, -1]  # (V,), (C,) at the last accepted token
-    out, stats = [], Stats(trace=[] if trace else None)
-
-    while True:
-        root = next_logits.argmax().view(1)  # the backbone's own next token, (1,)
-        drafts = gate = None
-        use_heads = heads is not None and gate_threshold > 0  # threshold 0: always AR
-        if use_heads and gate_on == "head1":
-            drafts = head_logits(heads, draft_weight, last_hidden, max(tree.max_depth, 1), lm_weight[root])
-        if use_heads and gate_threshold < math.inf:  # threshold inf: always parallel, no entropy needed
-            gate = float(entropy(next_logits if drafts is None else drafts[0]))
-        parallel = use_heads and (gate is None or gate < gate_threshold)
-
-        if parallel:  # propose -> verify -> keep
-            if drafts is None:
-                drafts = head_logits(heads, draft_weight, last_hidden, tree.max_depth, lm_weight[root])
-            tokens = propose(drafts, root, tree, heads.vocab)  # (N,)
-            logits, hidden = model(tokens[None], cache, pos=cache.length + tree.depth, mask=tree.mask(cache.length))
-            path = verify(tokens, logits[0].argmax(-1), tree)  # accepted nodes, root first
-            cache.keep(path)
-            last = path[-1:]  # (1,) the deepest accepted node, left on the device: indexing with it reads nothing back
-            next_logits, last_hidden, accepted = logits[0, last][0], hidden[0, last][0], tokens[path]
-            stats.accept_lengths.append(len(path) - 1)
-        else:  # plain AR step
-            logits, hidden = model(root[None], cache)
-            cache.length += 1
-            next_logits, last_hidden, accepted = logits[0, -1], hidden[0, -1], root
-            stats.ar_steps += 1
-        stats.steps += 1
-
-        new = accepted.tolist()
-        if eos_id is not None and eos_id in new:
-            new = new[:new.index(eos_id) + 1]  # EOS may arrive inside an accepted chunk
-        new = new[:max_new_tokens - len(out)]
-        out += new
-        stats.new_tokens += len(new)
-        if trace:
-            stats.trace.append(dict(gate=gate, tree=tokens.tolist() if parallel else None,
-                                    path=path.tolist() if parallel else None, emitted=new))
-        if len(out) >= max_new_tokens or (eos_id is not None and out[-1] == eos_id):
-            return out, stats
+    tree_slots = tree.n_nodes if tree is not None else heads.n_heads + 1 if heads is not None else 1
+    decoder = Decoder(model, heads, tree, gate_on, Sampling(temperature, top_k, top_p),
+                      max_len=len(prompt_ids) + max(max_new_tokens, 1) + tree_slots)
+    return decoder.generate(prompt_ids, max_new_tokens, gate_threshold, eos_id, seed, trace)

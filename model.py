@@ -42,45 +42,34 @@ class GPTConfig:
 class KVCache:
     """Keys and values of every layer, preallocated: (n_layer, B, G, max_len, D), zero-filled.
 
-    `length` counts committed tokens. A forward writes the K/V of its T new tokens at
-    [length, length + T) but never moves `length`: the caller decides what to keep, either all of
-    them (`length += T`) or some tree slots (`keep`). Rejected slots are simply overwritten later.
-
-    static=True keeps every shape fixed for CUDA graphs (`GPT.compile_steps`): the forward writes
-    at slot indices held in a tensor and attends over all max_len slots, its mask hiding those not
-    yet written, instead of slicing at the Python int `length` (a new shape at every step).
+    A forward writes the K/V of its T new tokens at [length, length + T) but never moves `length`,
+    the count of committed tokens: the caller decides what to keep, all of them (`length += T`) or
+    some tree slots (`move`). Rejected slots are simply overwritten later. The decode step of
+    cerberus.py keeps its length on the device instead, and writes and attends through slot indices
+    and a mask over all max_len slots, so that its shapes never change.
     """
 
-    def __init__(self, config, max_len, batch_size=1, device="cpu", dtype=torch.float32, static=False):
+    def __init__(self, config, max_len, batch_size=1, device="cpu", dtype=torch.float32):
         shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
-        self.static = static
-        if static:  # the buffers never move: compiled CUDA graphs may write into them in place
-            torch._dynamo.mark_static_address(self.k)
-            torch._dynamo.mark_static_address(self.v)
 
     @property
     def max_len(self):
         return self.k.shape[3]
 
-    def keep(self, offsets):
-        """Commit the pending slots `length + offsets` (ascending), moved down to the next free slots.
-
-        After a tree step the accepted path's nodes sit at scattered slots; this packs them so the
-        cache again holds exactly the accepted sequence. Every layer moves, keys and values alike.
-        """
-        offsets = torch.as_tensor(offsets, device=self.k.device)
-        src, n = self.length + offsets, len(offsets)
-        self.k[:, :, :, self.length:self.length + n] = self.k[:, :, :, src]  # gather copies first,
-        self.v[:, :, :, self.length:self.length + n] = self.v[:, :, :, src]  # so overlap is safe
-        self.length += n
+    def move(self, src, dst):
+        """Copy the K/V of slots src to slots dst, (n,) index tensors, in every layer: after a tree
+        step this packs the accepted path's scattered slots right after the committed tokens. The
+        gather copies first, so overlapping src and dst are safe."""
+        self.k[:, :, :, dst] = self.k[:, :, :, src]
+        self.v[:, :, :, dst] = self.v[:, :, :, src]
 
 
 def cache_for(model, n_slots, cache=None):
-    """An empty KVCache with at least n_slots for this model: `cache` emptied for reuse (one static
-    cache reused by every call keeps compiled shapes fixed), else a fresh one of n_slots."""
+    """An empty KVCache with at least n_slots for this model: `cache` emptied for reuse, else a fresh
+    one of n_slots."""
     if cache is None:
         return KVCache(model.config, n_slots, device=model.embed.weight.device, dtype=model.embed.weight.dtype)
     if cache.max_len < n_slots:
@@ -95,35 +84,36 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+    def forward(self, x):  # in float32 whatever x's dtype: a mean of squares in bfloat16 loses digits
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-def rotary_table(config):
-    """cos and sin of every position's rotation angles: two (block_size, D/2) tables."""
-    inv_freq = config.rope_base ** -(torch.arange(0, config.head_dim, 2).float() / config.head_dim)
-    angles = torch.outer(torch.arange(config.block_size).float(), inv_freq)
+def rotary_table(config, device=None):
+    """cos and sin of every position's rotation angles: two (block_size, D/2) float32 tables."""
+    inv_freq = config.rope_base ** -(torch.arange(0, config.head_dim, 2, device=device).float() / config.head_dim)
+    angles = torch.outer(torch.arange(config.block_size, device=device).float(), inv_freq)
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate adjacent pairs (x[2i], x[2i+1]) by position-dependent angles. x: (B, H, T, D); cos/sin: (T, D/2).
+    """Rotate adjacent pairs (x[2i], x[2i+1]) by position-dependent angles, in float32. x: (B, H, T, D);
+    cos/sin: (T, D/2).
 
     Adjacent pairs, not the two halves: llama.cpp's converter permutes Q/K so that GGUF weights
     expect this layout.
     """
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
 def linear(x, weight):
     """x @ weight.T, computed as (weight @ x.T).T on a CPU in float32: the same product, faster.
 
     For the 1-8 rows of a decode step MKL's float32 kernels behind F.linear run far below memory speed,
-    while W @ x.T with x.T a transposed view of a row-major x reaches it. Measured on the project's
-    2-core EPYC with SmolLM2-135M (train.step_costs): a 1-token forward 38 -> 21 ms, a 4-token tree
-    step 48 -> 23 ms. One row would still fall to the slow matrix-vector kernel, so it is duplicated to
-    two. bfloat16 (oneDNN) and GPUs keep F.linear, the faster one there.
+    while W @ x.T with x.T a transposed view of a row-major x reaches it (on a 2-core EPYC a SmolLM2
+    decode step takes about half the time). One row would still fall to the slow matrix-vector
+    kernel, so it is duplicated to two. bfloat16 (oneDNN) and GPUs keep F.linear, the faster one there.
     """
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return F.linear(x, weight)
@@ -149,24 +139,24 @@ class Attention(nn.Module):
         super().__init__()
         C, D = config.n_embd, config.head_dim
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, D
-        self.q_proj = Linear(C, config.n_head * D)
-        self.k_proj = Linear(C, config.n_kv_head * D)
-        self.v_proj = Linear(C, config.n_kv_head * D)
+        self.sizes = [config.n_head * D, config.n_kv_head * D, config.n_kv_head * D]  # q, k, v widths
+        self.qkv = Linear(C, sum(self.sizes))  # one matmul for q, k and v (load_gguf stacks the three)
         self.o_proj = Linear(config.n_head * D, C)
 
     def forward(self, x, cos, sin, kv, slots, mask):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, G, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv(x).split(self.sizes, dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, G, T, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is not None:  # write the new keys/values into the cache, attend over prefix + new
             cache_k, cache_v = kv  # (B, G, max_len, D)
-            cache_k[:, :, slots] = k  # slots: slice(L, L + T), or (T,) indices for a static cache
+            cache_k[:, :, slots] = k  # slots: slice(L, L + T), or (T,) slot indices (the decode step)
             cache_v[:, :, slots] = v
-            if isinstance(slots, slice):  # a static cache is attended whole (its mask hides empty slots)
+            if isinstance(slots, slice):
                 k, v = cache_k[:, :, :slots.stop], cache_v[:, :, :slots.stop]  # (B, G, S, D)
-            else:
+            else:  # every slot, its mask hiding those not committed: shapes that never change
                 k, v = cache_k, cache_v
         causal = True if mask is None and T > 1 else False  # a branch, not bool(): compile with dynamic T
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
@@ -176,12 +166,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.gate_proj = Linear(config.n_embd, config.intermediate_size)
-        self.up_proj = Linear(config.n_embd, config.intermediate_size)
+        self.gate_up = Linear(config.n_embd, 2 * config.intermediate_size)  # one matmul for both halves
         self.down_proj = Linear(config.intermediate_size, config.n_embd)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -220,8 +210,14 @@ class GPT(nn.Module):
         cos, sin = rotary_table(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.compiled_step = None  # set by compile_steps
         self.apply(self._init_weights)
+
+    def _apply(self, fn, recurse=True):
+        """What .to() and .cuda() run. They would cast the rotary tables with the weights; rebuilt in
+        float32 on the new device instead, positions far into the context keep their angles exact."""
+        super()._apply(fn, recurse)
+        self.rope_cos, self.rope_sin = rotary_table(self.config, self.embed.weight.device)
+        return self
 
     @staticmethod
     def _init_weights(module):
@@ -242,33 +238,19 @@ class GPT(nn.Module):
         pos = self.positions(T, cache, pos)
         if mask is None and start > 0 and T > 1:
             mask = causal_mask(T, start, idx.device)
-        slots = slice(start, start + T)  # where the new K/V go
-        if cache is not None and cache.static:  # fixed shapes: slot indices, a mask over every slot
-            slots = torch.arange(start, start + T, device=idx.device)
-            mask = causal_mask(T, start, idx.device) if mask is None else mask  # (..., T, L + T)
-            mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], cache.max_len - start - T)], -1)
-        compiled = self.compiled_step is not None and start > 0  # decode steps only, not the prefill
-        return (self.compiled_step if compiled else self.layers)(idx, pos, mask, cache, slots)
+        return self.layers(idx, pos, mask, cache, slice(start, start + T))
 
     def layers(self, idx, pos, mask, cache, slots):
-        """The network itself, once forward has placed the new tokens (what compile_steps compiles)."""
+        """The network itself, once the new tokens are placed: positions pos (T,), the K/V written at
+        `slots` (a slice, or (T,) indices when the mask covers every cache slot)."""
         x = self.embed(idx)  # (B, T, C)
-        cos, sin = self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype)  # (T, D/2)
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, D/2), float32
         for i, block in enumerate(self.blocks):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             x = block(x, cos, sin, kv, slots, mask)
         hidden = self.norm(x)
         logits = self.lm_head(hidden)  # (B, T, V)
         return logits, hidden
-
-    def compile_steps(self, mode="reduce-overhead"):
-        """torch.compile the decode steps: every forward of new tokens after a cached prefix (AR steps,
-        tree steps). The prefill stays eager: its length changes with every prompt. With a static
-        KVCache the steps have fixed shapes, and mode="reduce-overhead" replays them as CUDA graphs
-        (one graph per step size), which removes the per-kernel launch cost that dominates a small
-        model's decode step on a GPU. Outputs equal eager ones on the same dtype (tests)."""
-        self.compiled_step = torch.compile(self.layers, mode=mode)
-        return self
 
     def positions(self, T, cache, pos):
         """The rotary positions of T new tokens (default: right after the cache), checked to fit."""
@@ -293,7 +275,8 @@ class GPT(nn.Module):
         backbone refuse another."""
         import hashlib
         h = hashlib.sha256(repr(self.config).encode())
-        for w in (self.embed.weight, self.blocks[0].attn.q_proj.weight, self.norm.weight):
+        q_weight = self.blocks[0].attn.qkv.weight[:self.blocks[0].attn.sizes[0]]  # the query rows
+        for w in (self.embed.weight, q_weight, self.norm.weight):
             h.update(w.detach().flatten()[:4096].to("cpu", torch.bfloat16).float().numpy().tobytes())
         return h.hexdigest()[:16]
 
@@ -301,19 +284,16 @@ class GPT(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Real weights: any llama-architecture GGUF file (llama.cpp's format), read with the `gguf` package.
 
-GGUF_NAMES = {  # our parameter name -> GGUF tensor name ({i} = layer)
-    "embed.weight": "token_embd.weight",
-    "norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-    "blocks.{i}.attn_norm.weight": "blk.{i}.attn_norm.weight",
-    "blocks.{i}.attn.q_proj.weight": "blk.{i}.attn_q.weight",
-    "blocks.{i}.attn.k_proj.weight": "blk.{i}.attn_k.weight",
-    "blocks.{i}.attn.v_proj.weight": "blk.{i}.attn_v.weight",
-    "blocks.{i}.attn.o_proj.weight": "blk.{i}.attn_output.weight",
-    "blocks.{i}.mlp_norm.weight": "blk.{i}.ffn_norm.weight",
-    "blocks.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
-    "blocks.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
-    "blocks.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
+GGUF_NAMES = {  # our parameter name -> the GGUF tensors stacked (rows) to make it ({i} = layer)
+    "embed.weight": ["token_embd.weight"],
+    "norm.weight": ["output_norm.weight"],
+    "lm_head.weight": ["output.weight"],
+    "blocks.{i}.attn_norm.weight": ["blk.{i}.attn_norm.weight"],
+    "blocks.{i}.attn.qkv.weight": ["blk.{i}.attn_q.weight", "blk.{i}.attn_k.weight", "blk.{i}.attn_v.weight"],
+    "blocks.{i}.attn.o_proj.weight": ["blk.{i}.attn_output.weight"],
+    "blocks.{i}.mlp_norm.weight": ["blk.{i}.ffn_norm.weight"],
+    "blocks.{i}.mlp.gate_up.weight": ["blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight"],
+    "blocks.{i}.mlp.down_proj.weight": ["blk.{i}.ffn_down.weight"],
 }
 
 
@@ -358,20 +338,23 @@ def load_gguf(path, dtype=torch.float32):
     tensors = {t.name: t for t in reader.tensors}
     model = GPT(config)
     state = {}
+    def dequantized(src):  # (out, in) float32
+        if src not in tensors:
+            raise ValueError(f"GGUF file lacks tensor {src!r}")
+        t = tensors[src]
+        try:
+            array = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise ValueError(f"tensor {src!r} has type {t.tensor_type.name}, which gguf cannot "
+                             f"dequantize; use a file with F32/F16/Q8_0/Q4_x tensors") from e
+        return torch.from_numpy(array.copy())
+
     for ours, theirs in GGUF_NAMES.items():
         for i in range(config.n_layer) if "{i}" in ours else [None]:
-            name, src = ours.format(i=i), theirs.format(i=i)
+            name = ours.format(i=i)
             if name == "lm_head.weight" and config.tie_embeddings:
                 continue
-            if src not in tensors:
-                raise ValueError(f"GGUF file lacks tensor {src!r}")
-            t = tensors[src]
-            try:
-                array = gguf.quants.dequantize(t.data, t.tensor_type)  # numpy, (out, in)
-            except NotImplementedError as e:
-                raise ValueError(f"tensor {src!r} has type {t.tensor_type.name}, which gguf cannot "
-                                 f"dequantize; use a file with F32/F16/Q8_0/Q4_x tensors") from e
-            state[name] = torch.from_numpy(array.copy()).reshape(model.state_dict()[name].shape)
+            state[name] = torch.cat([dequantized(src.format(i=i)) for src in theirs])
     if config.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state)

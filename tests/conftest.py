@@ -13,6 +13,19 @@ from model import GGUF_NAMES, GPT, GPTConfig, byte_level_alphabet, load_smollm2 
 TINY = GPTConfig(vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=128, tie_embeddings=False)
 
 
+@pytest.fixture(autouse=True)
+def one_thread_for_tiny_models(request):
+    """Tiny models gain nothing from a second thread, and when the cores are busy (a benchmark, a
+    second suite) OpenMP's waits for it stall every small op by milliseconds. The real model keeps them all."""
+    if "smollm" in request.fixturenames:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smollm():
     """(model, tokenizer) of the packaged SmolLM2-135M-Instruct, float32, loaded once per session."""
@@ -62,11 +75,16 @@ def write_gguf(path, model, special=()):
     w.add_token_list(list(special) + [char_of[b] for b in range(256)])
     w.add_token_types([3] * len(special) + [1] * 256)
     state = model.state_dict()
+    rows = {"attn_q": c.n_head * c.head_dim, "attn_k": c.n_kv_head * c.head_dim, "attn_v": c.n_kv_head * c.head_dim,
+            "ffn_gate": c.intermediate_size, "ffn_up": c.intermediate_size}  # the parts of a fused matrix
     for ours, theirs in GGUF_NAMES.items():
         for i in range(c.n_layer) if "{i}" in ours else [None]:
             if ours == "lm_head.weight" and c.tie_embeddings:
                 continue  # a tied model has no output.weight: the loader must reuse token_embd
-            w.add_tensor(theirs.format(i=i), state[ours.format(i=i)].numpy().astype(np.float32))
+            weight = state[ours.format(i=i)]
+            sizes = [rows[name.split(".")[-2]] for name in theirs] if len(theirs) > 1 else [len(weight)]
+            for name, part in zip(theirs, weight.split(sizes)):  # llama.cpp stores q, k, v (gate, up) apart
+                w.add_tensor(name.format(i=i), part.numpy().astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -22,6 +22,13 @@ TREES = {**{name: Tree.preset(name) for name in ["chain1", "chain4", "sparse8", 
          **{name: Tree(paths) for name, paths in HAND_MADE.items()}}
 
 
+def mid_threshold(model, heads, gate_on="backbone"):
+    """The median entropy the gate reads on PROMPT's decode: a threshold that sends about half the
+    steps each way (a tiny random model's entropies all lie near log(256), so a fixed one would not)."""
+    _, stats = generate(model, PROMPT, 30, heads=heads, gate_on=gate_on, trace=True)
+    return float(torch.tensor([step["gate"] for step in stats.trace]).median())
+
+
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("kind,spec", [(MedusaHeads, {}), (CerberusHeads, {}), (CerberusHeads, dict(n_layers=2)),
                                        (CerberusHeads, dict(reads_root=True)), (MedusaHeads, dict(reads_root=True)),
@@ -33,7 +40,8 @@ def test_every_tree_gate_and_eos_reproduces_greedy_ar(seed, kind, spec):
     reference, _ = generate(model, PROMPT, max_new_tokens=30)
     eos = reference[13]  # a token that does occur, to exercise cutting inside accepted chunks
     reference_eos = reference[:reference.index(eos) + 1]
-    gates = [(0.0, "backbone"), (2.5, "backbone"), (2.5, "head1"), (math.inf, "backbone")]
+    gates = [(0.0, "backbone"), (mid_threshold(model, heads), "backbone"),
+             (mid_threshold(model, heads, "head1"), "head1"), (math.inf, "backbone")]
     for name, tree in TREES.items():
         for threshold, gate_on in gates:
             ids, stats = generate(model, PROMPT, 30, heads=heads, tree=tree, gate_threshold=threshold, gate_on=gate_on)
@@ -106,7 +114,8 @@ def test_tree_node_logits_equal_running_its_path_as_a_sequence():
     cache = KVCache(TINY, 64)
     model(prefix, cache)
     cache.length = prefix.shape[1]
-    logits, hidden = model(tokens[None], cache, pos=cache.length + tree.depth, mask=tree.mask(cache.length))
+    logits, hidden = model(tokens[None], cache, pos=cache.length + tree.depth,
+                           mask=tree.mask(cache.length, cache.length + tree.n_nodes))
     for node in range(tree.n_nodes):
         path = tokens[tree.ancestors[node]]
         plain_logits, plain_hidden = model(torch.cat([prefix[0], path])[None])
@@ -121,8 +130,12 @@ def test_tree_from_paths_derives_structure():
     assert tree.depth.tolist() == [0, 1, 1, 2, 2, 3]
     assert tree.rank.tolist() == [0, 0, 1, 0, 1, 0]
     assert tree.ancestors[5].tolist() == [True, True, False, True, False, True]
-    assert tree.mask(2)[5].tolist() == [True, True, True, True, False, True, False, True]
-    assert (tree.mask(2).sum(1) >= 1).all()  # no fully masked row (it would give NaN)
+    assert tree.path.tolist() == [[0, 0, 0, 0], [0, 1, 1, 1], [0, 2, 2, 2], [0, 1, 3, 3], [0, 1, 4, 4], [0, 1, 3, 5]]
+    assert tree.on_path[5] == [0, 1, 3, 5]
+    assert tree.mask(2, 8)[5].tolist() == [True, True, True, True, False, True, False, True]
+    assert (tree.mask(2, 8).sum(1) >= 1).all()  # no fully masked row (it would give NaN)
+    # the decode step's mask spans every cache slot and takes the length as a tensor: no slot past the tree is seen
+    assert torch.equal(tree.mask(torch.tensor([2]), 11), torch.cat([tree.mask(2, 8), torch.zeros(6, 3, dtype=torch.bool)], 1))
     assert Tree.chain(3).parents.tolist() == [-1, 0, 1, 2]
     for n in (8, 16, 32, 64):
         assert Tree.preset(f"sparse{n}").n_nodes == n and Tree.preset(f"sparse{n}").max_depth <= 4
@@ -132,9 +145,9 @@ def test_verify_picks_deepest_fully_correct_path():
     tree = Tree([(0,), (1,), (0, 0), (1, 0)])  # nodes: 0 root, 1 (0,), 2 (1,), 3 (0,0), 4 (1,0)
     tokens = torch.tensor([7, 8, 9, 10, 11])
     target = torch.tensor([9, 5, 11, 0, 0])  # after root: 9 (node 2 right); after node 2: 11 (node 4 right)
-    assert verify(tokens, target, tree).tolist() == [0, 2, 4]
+    assert verify(tokens, target, tree).tolist() == [4] and tree.on_path[4] == [0, 2, 4]
     target = torch.tensor([8, 3, 11, 0, 0])  # node 1 right, node 3 wrong, node 4 right but its parent wrong
-    assert verify(tokens, target, tree).tolist() == [0, 1]
+    assert verify(tokens, target, tree).tolist() == [1]
     target = torch.tensor([1, 1, 1, 1, 1])
     assert verify(tokens, target, tree).tolist() == [0]
 
@@ -249,18 +262,27 @@ def test_bad_input_is_a_value_error():
         generate(model, PROMPT, 8, tree=Tree.chain(1))
     with pytest.raises(ValueError, match="token ids in"):
         CerberusHeads(TINY, 2).draft_over([3, 256])
-    small = CerberusHeads(TINY, 2).draft_over([3, 5, 7])
-    with pytest.raises(ValueError, match="draft over 3 tokens"):
-        generate(model, PROMPT, 8, heads=small, tree=Tree.chain(1), draft_weight=model.lm_head.weight)
+    with pytest.raises(ValueError, match="unknown gate_on"):
+        generate(model, PROMPT, 8, heads=heads, gate_on="head2")
+    with pytest.raises(ValueError, match="gate_threshold is NaN"):
+        generate(model, PROMPT, 8, heads=heads, gate_threshold=math.nan)
+    decoder = cerberus.Decoder(model, heads, Tree.chain(2), max_len=20)
+    with pytest.raises(ValueError, match="overflow the decoder's KV cache of 20 slots"):
+        decoder.generate(PROMPT, 14)
 
 
 def test_trace_records_each_step():
     model, heads = tiny_gpt(), perturb(MedusaHeads(TINY, 4), 1)
-    ids, stats = generate(model, PROMPT, 12, heads=heads, tree=Tree.preset("sparse8"), gate_threshold=3.0,
+    threshold = mid_threshold(model, heads)
+    ids, stats = generate(model, PROMPT, 12, heads=heads, tree=Tree.preset("sparse8"), gate_threshold=threshold,
                           trace=True)
     assert len(stats.trace) == stats.steps
     assert sum(len(s["emitted"]) for s in stats.trace) == len(ids)
+    assert 0 < stats.ar_steps < stats.steps  # both kinds of step are traced
     for step in stats.trace:
-        assert (step["tree"] is None) == (step["path"] is None)
+        assert (step["tree"] is None) == (step["path"] is None) and step["gate"] > 0
         if step["path"] is not None:
+            assert step["gate"] < threshold
             assert step["emitted"] == [step["tree"][i] for i in step["path"]][:len(step["emitted"])]
+        else:
+            assert step["gate"] >= threshold

@@ -4,6 +4,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import write_gguf
 from model import GPT, GPTConfig, load_gguf
@@ -42,6 +43,15 @@ def test_round_trip_gives_identical_logits(tmp_path, tie):
     idx = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx)[0], model(idx)[0], rtol=0, atol=1e-6)
+
+    # q/k/v and gate/up are fused into one matrix each at load time: the rows of each part are the file's
+    reader, x = gguf.GGUFReader(str(path)), torch.randn(5, model.config.n_embd)
+    stored = {t.name: torch.from_numpy(np.array(t.data)).reshape(-1, model.config.n_embd) for t in reader.tensors
+              if t.name.startswith("blk.1.") and t.name.split(".")[2] in ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up")}
+    q, k, v = loaded.blocks[1].attn.qkv(x).split(loaded.blocks[1].attn.sizes, -1)
+    gate, up = loaded.blocks[1].mlp.gate_up(x).chunk(2, -1)
+    for fused, name in [(q, "attn_q"), (k, "attn_k"), (v, "attn_v"), (gate, "ffn_gate"), (up, "ffn_up")]:
+        torch.testing.assert_close(fused, F.linear(x, stored[f"blk.1.{name}.weight"]))
 
     text = "Hello, wörld!\n\tdef f(x):  return 42  # ✓ 日本"
     ids = tok.encode(text)

@@ -1,11 +1,13 @@
 """Backbone invariants: cached and uncached forwards agree, masks align, the cache compacts exactly."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cerberus import generate
 from conftest import TINY as CONFIG, tiny_gpt
-from model import GPTConfig, KVCache, causal_mask
+from model import GPTConfig, KVCache, causal_mask, rotary_table
 
 
 @pytest.fixture
@@ -53,20 +55,19 @@ def test_is_causal_is_top_left_aligned_which_the_model_avoids():
     torch.testing.assert_close(lower_right, scores.softmax(-1) @ v)
 
 
-def test_keep_moves_chosen_rows_of_every_layer():
-    """Guards tree compaction: every layer's K and V moves, and only the chosen slots."""
+def test_move_copies_chosen_slots_of_every_layer():
+    """Guards tree compaction: every layer's K and V moves, only to the chosen slots, and a source
+    overwritten by the same move is read before it is written."""
     cache = KVCache(CONFIG, 16)
     cache.k.copy_(torch.randn_like(cache.k))
     cache.v.copy_(torch.randn_like(cache.v))
     before_k, before_v = cache.k.clone(), cache.v.clone()
-    cache.length = 4
-    cache.keep([0, 2, 5])  # pending slots 4, 6, 9 -> 4, 5, 6
-    assert cache.length == 7
-    for src, dst in [(4, 4), (6, 5), (9, 6)]:
+    cache.move(torch.tensor([4, 6, 9, 9]), torch.tensor([4, 5, 6, 7]))  # a path 4, 6, 9 padded with its last node
+    for src, dst in [(4, 4), (6, 5), (9, 6), (9, 7)]:
         assert torch.equal(cache.k[:, :, :, dst], before_k[:, :, :, src])
         assert torch.equal(cache.v[:, :, :, dst], before_v[:, :, :, src])
     assert torch.equal(cache.k[:, :, :, :4], before_k[:, :, :, :4])  # committed prefix untouched
-    assert torch.equal(cache.k[:, :, :, 7:], before_k[:, :, :, 7:])  # beyond: untouched
+    assert torch.equal(cache.k[:, :, :, 8:], before_k[:, :, :, 8:])  # beyond: untouched
 
 
 @torch.no_grad()
@@ -128,47 +129,34 @@ def test_cpu_linear_equals_f_linear(shape):
 
 
 @torch.no_grad()
-def test_static_cache_forward_equals_the_sliced_one(model):
-    """A static cache writes at slot indices and attends over every slot, the unwritten ones masked:
-    prefill, a causal chunk, one token and a tree-shaped mask give the sliced cache's logits, and
-    stale K/V past the committed length (a reused cache) change nothing."""
-    idx = torch.randint(0, 256, (1, 14))
-    tree_mask = causal_mask(3, 11)
-    tree_mask[2, 12] = False  # node 2 does not see node 1: siblings
-    outputs = []
-    for static in (False, True):
-        cache = KVCache(CONFIG, 24, static=static)
-        cache.k.normal_(), cache.v.normal_()  # garbage in unwritten slots
-        steps = [model(idx[:, :6], cache)]
-        cache.length = 6
-        steps.append(model(idx[:, 6:10], cache))
-        cache.length = 10
-        steps.append(model(idx[:, 10:11], cache))
-        cache.length = 11
-        steps.append(model(idx[:, 11:14], cache, pos=torch.tensor([11, 12, 12]), mask=tree_mask))
-        outputs.append([logits for logits, _ in steps])
-    for sliced, static in zip(*outputs):
-        torch.testing.assert_close(static, sliced, atol=1e-5, rtol=1e-5)
+def test_slot_indexed_forward_over_every_slot_equals_the_sliced_one(model):
+    """The decode step writes K/V at slot indices and attends over every cache slot through a mask
+    from a device-side length (Tree.mask); a tree on a cached prefix gives the logits of the eager,
+    sliced forward, and stale K/V in unwritten slots (a reused cache) change nothing."""
+    from cerberus import Tree
+    tree, L = Tree([(0,), (1,), (0, 0)]), 6
+    idx, tokens = torch.randint(0, 256, (1, L)), torch.randint(0, 256, (1, 4))
+    sliced = KVCache(CONFIG, 16)
+    model(idx, sliced)
+    sliced.length = L
+    expected, _ = model(tokens, sliced, pos=L + tree.depth, mask=tree.mask(L, L + 4))
+    full = KVCache(CONFIG, 16)
+    full.k.normal_(), full.v.normal_()  # garbage in unwritten slots
+    model(idx, full)
+    length = torch.tensor([L])
+    logits, _ = model.layers(tokens, length + tree.depth, tree.mask(length, 16), full, length + torch.arange(4))
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit internals that inductor imports
-@torch.no_grad()
-def test_compiled_steps_on_a_reused_static_cache_decode_like_eager():
-    """What `bench.py --compile` does: compile_steps, and one static cache for every call. AR and tree
-    decoding over prompts of two lengths give eager greedy AR's tokens, with no recompilation after
-    the first call of each kind (fixed shapes; on a GPU, CUDA graphs replay them)."""
-    from cerberus import CerberusHeads, Tree
-    from conftest import perturb
-    model = tiny_gpt()
-    heads, tree = perturb(CerberusHeads(CONFIG, 4), 0), Tree.preset("sparse8")
-    prompts = [[1, 2, 3, 4, 5], [9, 8, 7, 6, 5, 4, 3]]
-    reference = [generate(model, p, 12)[0] for p in prompts]
-    model.compile_steps(mode="default")  # reduce-overhead needs CUDA; the graphs are the same
-    cache = KVCache(CONFIG, 32, static=True)
-    torch._dynamo.utils.counters.clear()
-    for p, expected in zip(prompts, reference):
-        assert generate(model, p, 12, cache=cache)[0] == expected
-        assert generate(model, p, 12, heads=heads, tree=tree, cache=cache)[0] == expected
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # AR step and tree step
-    with pytest.raises(ValueError, match="allocate a larger KVCache"):
-        generate(model, list(range(30)), 12, cache=cache)
+def test_bfloat16_keeps_norms_and_rotary_in_float32(model):
+    """Under bfloat16 the rotary tables stay float32 (cast, position 4000's angles would be off by
+    tens of degrees) and RMSNorm squares and averages in float32, then casts back."""
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    assert model.rope_cos.dtype == torch.float32 and model.embed.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(model.rope_cos, rotary_table(CONFIG)[0])
+    x = torch.randn(3, CONFIG.n_embd, dtype=torch.bfloat16) * 300  # squares beyond bfloat16's 8 bits of precision
+    norm = model.blocks[0].attn_norm
+    exact = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + norm.eps)).bfloat16() * norm.weight
+    assert torch.equal(norm(x), exact)
+    logits, _ = model(torch.randint(0, 256, (1, 8)))
+    assert logits.dtype == torch.bfloat16 and logits.isfinite().all()

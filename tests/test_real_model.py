@@ -1,7 +1,6 @@
 """End-to-end checks on the real SmolLM2-135M-Instruct weights (loaded once per session, ~7 s):
 a wrong rotary layout, a dequantisation slip or a tokenizer mismatch all leave the model runnable
 but turn its predictions into noise, which only real text reveals."""
-import copy
 import math
 import os
 
@@ -9,11 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cerberus import CerberusHeads, MedusaHeads, Tree, generate
+from cerberus import CerberusHeads, MedusaHeads, Tree, generate, load_heads
 from conftest import perturb
 from model import KVCache, chat_prompt
-from cerberus import load_heads
-from train import TrainConfig, self_instruct_prompts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,17 +86,3 @@ def test_shipped_heads_load_for_the_packaged_backbone(smollm):
         assert tree.max_depth <= heads.n_heads and ckpt["gate"]["threshold"] >= 0
         ids, _ = generate(model, prompt, 16, heads=heads, tree=tree, gate_threshold=ckpt["gate"]["threshold"], eos_id=2)
         assert ids == reference
-
-
-def test_self_written_requests_are_distinct_clean_and_seeded(smollm, monkeypatch):
-    """The instruct model writes training requests itself: distinct, 3+ words, no chat markup, the
-    same for the same seed, and never a benchmark prompt (here the first request is made one)."""
-    model, tok = smollm
-    cfg = TrainConfig(gen_batch_size=8)
-    model = copy.deepcopy(model).to(torch.bfloat16)  # as train.py samples them; the fixture stays float32
-    first = self_instruct_prompts(model, tok, 4, cfg, seed=0)
-    assert len(set(first)) == 4
-    assert all(len(p.split()) >= 3 and "<|" not in p for p in first)
-    monkeypatch.setattr("train.benchmark_prompts", lambda: [first[0]])
-    again = self_instruct_prompts(model, tok, 4, cfg, seed=0)
-    assert first[0] not in again and again[:3] == first[1:]
