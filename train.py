@@ -7,10 +7,9 @@
 Steps: (1) the backbone's greedy answers to the prompt mix are token-id shards in data/answers/
 (data/generate_answers.py); the hidden state that predicted each answer token is recomputed by one
 teacher-forced forward per batch and cached in out_dir: head k at answer position i learns token i + k.
-(2) The draft vocabulary: the tokens the backbone wrote most often. Each head set trains on the same
-data, steps and learning rate. (3) Held-out prompt lines give per-head top-1/top-5 accuracy, overall
-and per task category, the tree that fits this device's step costs, and the gate. (4) Checkpoints
-(cerberus.save_heads) carry the head spec, the gate and the backbone's fingerprint.
+(2) Each head set trains on the same data, steps and learning rate, drafting over the tokens the
+backbone wrote most often. (3) Held-out prompt lines give top-1/top-5 per head, overall and per task
+category, the tree that fits this device's step costs, and the gate, which the checkpoints carry.
 """
 import copy
 import hashlib
@@ -61,19 +60,13 @@ class TrainConfig:
     seed: int = 0
 
 
-RECIPES = {
-    "quick": dict(n_shards=1, out_dir="runs/quick"),
-    "full": dict(n_shards=0, out_dir="runs/full"),
-}
+RECIPES = {"quick": dict(n_shards=1, out_dir="runs/quick"), "full": dict(n_shards=0, out_dir="runs/full")}
 
 
 def cli_help(config_class):
     """One line per field of a config dataclass: `--name=default` and the comment beside it in the source."""
-    comments = {}
-    for line in inspect.getsource(config_class).splitlines():
-        name, _, rest = line.strip().partition(":")
-        if name.isidentifier() and "#" in rest:
-            comments[name] = rest.split("#", 1)[1].strip()
+    lines = (line.strip().partition(":") for line in inspect.getsource(config_class).splitlines())
+    comments = {name: rest.split("#", 1)[1].strip() for name, _, rest in lines if name.isidentifier() and "#" in rest}
     flags = {f.name: f"--{f.name}={f.default}" for f in fields(config_class)}
     width = max(map(len, flags.values()))
     return "\n".join(f"  {flag:<{width}}  {comments.get(name, '')}".rstrip() for name, flag in flags.items())
@@ -109,8 +102,7 @@ def train_config(overrides):
 
 
 # ----------------------------------------------------------------------------------------------
-# Self-distillation data: the backbone's answers (token-id shards written by data/generate_answers.py)
-# and, recomputed from them, the hidden states that predicted each answer token.
+# Self-distillation data: the answers' token-id shards, and the hidden states that predicted them.
 
 def conversation(tokenizer, row, first_answer=None):
     """Token ids of a chat up to where the assistant answers: a prompt row's first turn or, after the
@@ -132,8 +124,7 @@ def prompts_hash(rows):
 def read_shard(path):
     """({"backbone", "prompts", "max_answer_tokens"}, {(line, turn): answer ids}) of a shard file."""
     with np.load(path) as shard:
-        meta = {"backbone": str(shard["backbone"]), "prompts": str(shard["prompts"]),
-                "max_answer_tokens": int(shard["max_answer_tokens"])}
+        meta = {key: shard[key].item() for key in ("backbone", "prompts", "max_answer_tokens")}
         ends, tokens = np.cumsum(shard["length"]).tolist(), shard["tokens"].tolist()
         answers = {(line, turn): tokens[end - n:end] for line, turn, n, end in
                    zip(shard["line"].tolist(), shard["turn"].tolist(), shard["length"].tolist(), ends)}
@@ -143,9 +134,8 @@ def read_shard(path):
 def head_targets(answer, n_heads):
     """(A,) answer tokens -> (A, 1 + K) targets. Row i belongs to the hidden state that predicts
     answer[i]: column 0 is the backbone's own token answer[i], column k is head k's, answer[i + k]."""
-    A = len(answer)
     padded = torch.cat([answer, answer.new_full((n_heads,), IGNORE)])
-    return torch.stack([padded[k:k + A] for k in range(n_heads + 1)], dim=1)
+    return torch.stack([padded[k:k + len(answer)] for k in range(n_heads + 1)], dim=1)
 
 
 @torch.no_grad()
@@ -153,21 +143,18 @@ def teacher_forced_states(model, sequences, n_answer, max_tokens=8192):
     """[(A_i, C) bf16]: the hidden states that predicted the last n_answer[i] tokens of each of the
     sequences (context + answer ids), from one forward per batch of similar lengths (up to max_tokens
     padded tokens). Right padding needs no mask: causal attention never looks right."""
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    states, start = [None] * len(sequences), 0
-    bar = tqdm(total=sum(map(len, sequences)), desc="hidden states", unit="tok", disable=rank() > 0)
-    while start < len(order):
-        end = start + 1
-        while end < len(order) and (end + 1 - start) * len(sequences[order[end]]) <= max_tokens:
-            end += 1
-        batch = order[start:end]
+    batches = [[]]
+    for i in sorted(range(len(sequences)), key=lambda i: len(sequences[i])):
+        if batches[-1] and (len(batches[-1]) + 1) * len(sequences[i]) > max_tokens:
+            batches.append([])
+        batches[-1].append(i)
+    states = [None] * len(sequences)
+    for batch in tqdm(batches, desc="hidden states", unit="batch", disable=rank() > 0):
         idx = pad_sequence([torch.tensor(sequences[i][:-1]) for i in batch], batch_first=True)  # (b, T)
         _, hidden = model(idx.to(model.embed.weight.device))  # (b, T, C)
         for row, i in enumerate(batch):  # the hidden state at position p predicts token p + 1
-            states[i] = hidden[row, len(sequences[i]) - 1 - n_answer[i]:len(sequences[i]) - 1].to("cpu", torch.bfloat16)
-        bar.update(sum(len(sequences[i]) for i in batch))
-        start = end
-    bar.close()
+            end = len(sequences[i]) - 1
+            states[i] = hidden[row, end - n_answer[i]:end].to("cpu", torch.bfloat16)
     return states
 
 
@@ -180,8 +167,8 @@ def shard_data(model, tokenizer, rows, path, cfg):
     if meta["prompts"] != prompts_hash([rows[line] for line in sorted({line for line, _ in answers})]):
         raise ValueError(f"{path} answers other prompts than {cfg.prompts}; regenerate it or pass its --prompts")
     cache = os.path.join(cfg.out_dir, "hidden", os.path.basename(path).replace(".npz", ".pt"))
-    content = hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:16]
-    cache_key = [content, str(model.embed.weight.dtype), cfg.n_heads, cfg.holdout]
+    cache_key = [hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest(), str(model.embed.weight.dtype),
+                 cfg.n_heads, cfg.holdout]  # the answers themselves: a regenerated shard invalidates its cache
     if os.path.exists(cache) and (cached := torch.load(cache, weights_only=True))["key"] == cache_key:
         return cached["data"]
     items = sorted(answers.items())  # ((line, turn), answer ids)
@@ -202,12 +189,10 @@ def shard_data(model, tokenizer, rows, path, cfg):
 
 def get_data(model, tokenizer, cfg):
     """(train, held-out) positions of this rank's answer shards (shard k is rank k % world size's)."""
-    with open(os.path.join(ROOT, cfg.prompts)) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [json.loads(line) for line in pathlib.Path(ROOT, cfg.prompts).read_text().splitlines() if line.strip()]
     paths = sorted(p for p in pathlib.Path(ROOT, cfg.answers_dir).glob("*.npz"))[:cfg.n_shards or None]
-    if len(paths) < world_size():
-        raise ValueError(f"{len(paths)} answer shards in {cfg.answers_dir} for {world_size()} ranks; "
-                         f"make them with data/generate_answers.py")
+    if len(paths) < world_size():  # every rank needs a shard of its own
+        raise ValueError(f"{len(paths)} answer shards in {cfg.answers_dir}; make them with data/generate_answers.py")
     model = copy.deepcopy(model).to(getattr(torch, cfg.hidden_dtype))
     parts = [shard_data(model, tokenizer, rows, str(p), cfg) for p in paths[rank()::world_size()]]
     data = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -243,9 +228,7 @@ def train_heads(heads, lm_weight, data, cfg, desc="heads"):
     """AdamW with warm-up and cosine decay, one pass (per epoch) over the positions in random order.
     Under torchrun the heads are wrapped in DDP and every rank trains on its own data shard."""
     torch.manual_seed(cfg.seed)
-    model = heads
-    if world_size() > 1:
-        model = torch.nn.parallel.DistributedDataParallel(heads)
+    model = torch.nn.parallel.DistributedDataParallel(heads) if world_size() > 1 else heads
     opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=0.0)
     M = len(data["targets"])
     n_steps = cfg.epochs * (M // cfg.batch_size)
@@ -337,8 +320,7 @@ def timed(fn):
 def fastest(calls, rounds=7):
     """{key: fastest wall seconds of calls[key]()}, after one warm-up call each. The calls take turns
     within each round, so a slow spell of the machine spoils one round of every call rather than every
-    repeat of one (which once made T=1 look 60% dearer than T=4 and the calibration promise 2x). The
-    minimum, not the mean: on a shared machine the noise only ever adds time."""
+    repeat of one. The minimum, not the mean: on a shared machine the noise only ever adds time."""
     for call in calls.values():
         call()
     best = {key: math.inf for key in calls}
@@ -458,9 +440,7 @@ def head_set_spec(name, n_heads):
         known = {"root", "token"} if kind == "cerberus" else {"root"}
         if base.startswith(kind) and (depth == "" or depth.isdigit()) and set(variants) <= known:
             spec = dict(kind=kind, n_heads=n_heads, n_layers=int(depth or 1), reads_root="root" in variants)
-            if kind == "cerberus":
-                spec["link"] = "token" if "token" in variants else "hidden"
-            return spec
+            return spec | ({"link": "token" if "token" in variants else "hidden"} if kind == "cerberus" else {})
     raise ValueError(f"unknown head set {name!r}; use cerberus, medusa, cerberusN or medusaN, each optionally "
                      f"+root, and Cerberus +token")
 
@@ -488,10 +468,9 @@ def train(cfg):
     if rank() == 0:  # a held-out token outside the draft vocabulary is one no head can get right
         print(f"{len(train_data['targets']):,} training positions, {len(held_out['targets']):,} held out; "
               f"draft vocabulary: {len(vocab) if vocab is not None else V} tokens, {coverage:.4f} of the held-out")
-    counts = torch.bincount(train_data["category"].long(), minlength=len(CATEGORIES)).tolist()
     metrics = {"config": asdict(cfg), "device": str(device), "positions": len(train_data["targets"]),
                "held_out_positions": len(held_out["targets"]), "data_seconds": round(time.time() - t0, 1),
-               "positions_by_category": dict(zip(CATEGORIES, counts)),
+               "positions_by_category": {c: int((train_data["category"] == i).sum()) for i, c in enumerate(CATEGORIES)},
                "second_turn_positions": int((train_data["turn"] == 2).sum()),
                "draft_vocab": len(vocab) if vocab is not None else V, "held_out_in_draft_vocab": round(coverage, 4),
                "heads": {}}
@@ -521,7 +500,7 @@ def train(cfg):
         print(f"{name}: {result['params']:,} params, {seconds:.0f}s, tree {len(result['gate']['tree']) + 1} nodes, "
               f"threshold {result['gate']['threshold']:.3f} on {result['gate']['gate_on']}")
         for category, acc in {"all held-out": result["held_out"], **result["held_out_by_category"]}.items():
-            print(f"  {category:<13} top-1/top-5 " + "  ".join(f"{h} {a['top1']:.2f}/{a['top5']:.2f}" for h, a in acc.items()))
+            print(f"  {category:<13} top-1/top-5", *(f"{h} {a['top1']:.2f}/{a['top5']:.2f}" for h, a in acc.items()))
         print_entropy_curve(result["gate"]["entropy_curve"], result["gate"]["threshold"])
     if rank() == 0:
         write_atomically(os.path.join(cfg.out_dir, "metrics.json"),

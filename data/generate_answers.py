@@ -151,9 +151,10 @@ def batched_generate(model, prompts, max_new_tokens, eos_id):
     return answers[:, :int(lengths.max())], states[:, :int(lengths.max())], lengths
 
 
-def answer_rows(model, tokenizer, rows, cfg):
+def answer_rows(model, tokenizer, rows, cfg, bar=None):
     """{(line, turn): greedy answer ids} for rows {line: row}: every first turn, then every follow-up
-    after the model's own first answer (a second turn needs the first one's answer: staged)."""
+    after the model's own first answer (a second turn needs the first one's answer: staged). bar: a
+    progress bar counting answers."""
     eos_id = tokenizer.encode("<|im_end|>", allowed_special="all")[0]
     answers = {}
     for turn in (1, 2):
@@ -164,6 +165,8 @@ def answer_rows(model, tokenizer, rows, cfg):
             batch = chats[i:i + cfg.batch_size]
             out, _, lengths = batched_generate(model, [ids for _, ids in batch], cfg.max_answer_tokens, eos_id)
             answers.update({(line, turn): a[:n] for (line, _), a, n in zip(batch, out.tolist(), lengths.tolist())})
+            if bar is not None:
+                bar.update(len(batch))
     return answers
 
 
@@ -203,13 +206,17 @@ def generate_shards(model, tokenizer, rows, cfg):
             raise ValueError(f"{paths[k]} holds answers to other prompts, of another backbone or answer length; "
                              f"move it away or choose another --answers_dir")
     missing = [k for k in shards if not os.path.exists(paths[k])]
-    bar = tqdm(missing, desc=f"answer shards ({len(shards) - len(missing)} of {len(shards)} there)", unit="shard")
-    for k in bar:
+    n_answers = sum(1 + bool(row.get("follow_up")) for k in missing for row in shard_rows(rows, k).values())
+    bar = tqdm(total=n_answers, desc=f"answers ({len(shards) - len(missing)} of {len(shards)} shards there)",
+               unit="answer", disable=rank() > 0)
+    for k in missing:
         t0 = time.time()
-        answers = answer_rows(model, tokenizer, shard_rows(rows, k), cfg)
+        answers = answer_rows(model, tokenizer, shard_rows(rows, k), cfg, bar)
         write_shard(paths[k], answers, metas[k])
-        n_tokens = sum(map(len, answers.values()))
-        bar.set_postfix(shard=k, tokens=n_tokens, tok_s=round(n_tokens / (time.time() - t0)))
+        n_tokens = sum(map(len, answers.values()))  # the rate beside the load: the CPU may be shared
+        tqdm.write(f"shard {k}: {len(answers)} answers, {n_tokens} tokens, {n_tokens / (time.time() - t0):.0f} "
+                   f"tok/s, load average {os.getloadavg()[0]:.1f}")
+    bar.close()
     return list(paths.values())
 
 

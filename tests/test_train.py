@@ -124,11 +124,11 @@ def test_shards_resume_without_redoing_or_duplicating_work(tmp_path, monkeypatch
     rows, cfg = prompt_rows(12), answer_config(tmp_path)
     made, answer_rows = [], gen.answer_rows
 
-    def killed_at_the_third(model, tokenizer, shard, cfg):
+    def killed_at_the_third(model, tokenizer, shard, cfg, bar):
         if len(made) == 2:
             raise KeyboardInterrupt
         made.append(min(shard))
-        return answer_rows(model, tokenizer, shard, cfg)
+        return answer_rows(model, tokenizer, shard, cfg, bar)
     monkeypatch.setattr(gen, "answer_rows", killed_at_the_third)
     with pytest.raises(KeyboardInterrupt):
         gen.generate_shards(model, tok, rows, cfg)
