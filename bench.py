@@ -5,7 +5,8 @@
 
 Prints the conditions, this device's step-cost curve and calibration, one row per arm, speedup and head
 accuracy per prompt category, the machine's load and a warning when the run measured the machine, then
-one JSON line. Every arm decodes greedily, so in float32 each reproduces AR token for token (match 1.000).
+one JSON line. Every arm decodes greedily, or samples with the same seed (--temperature), so in float32
+each reproduces AR token for token (match 1.000): drafts change only the speed.
 """
 import ast
 import itertools
@@ -19,10 +20,11 @@ from collections import Counter, namedtuple
 from dataclasses import dataclass
 
 import torch
+from torch._dynamo.utils import counters
 from tqdm import tqdm
 
-from cerberus import Tree, generate, load_heads
-from model import KVCache, cache_for, chat_prompt, load_smollm2
+from cerberus import Decoder, Sampling, Tree, load_heads
+from model import cache_for, chat_prompt, load_smollm2
 from train import (accuracy, calibrate, draft_costs, head_targets, parse_cli, print_entropy_curve,
                    step_costs, target_ranks, timed)
 
@@ -40,7 +42,7 @@ PEAK_BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("
 class BenchConfig:
     device: str = "cpu"  # "cpu" or "cuda"
     dtype: str = "float32"  # backbone dtype, "float32" or "bfloat16" (bf16 trees may flip near-ties: see match)
-    compile: bool = False  # compile the decode steps (one static KV cache) and the heads: CUDA graphs on a GPU; untimed
+    compile: bool = False  # compile each decode step whole (heads, tree, verify, keep): a CUDA graph on a GPU; untimed
     tree: str = ""  # "" = each checkpoint's calibrated tree; a preset ("chain2", "sparse16"); or paths "[(0,), (0, 0)]"
     max_new_tokens: int = 128
     n_prompts: int = 24  # taken round-robin over the categories (24 = 3 each of 8); 0 = every prompt
@@ -52,6 +54,10 @@ class BenchConfig:
     gate_on: str = ""  # whose entropy the cerberus arm's gate reads: "" = the checkpoint's; "backbone" or "head1"
     draft_dtype: str = "bfloat16"  # heads and their lm_head copy; drafts change only the speed, never the output
     calibrate: bool = True  # choose each head set's tree and threshold from this device's step costs
+    temperature: float = 0.0  # 0 = greedy; else every arm samples, same seed, so the same tokens (top_k, top_p too)
+    top_k: int = 0  # sampling: keep the k most likely tokens; 0 = all
+    top_p: float = 1.0  # sampling: then the fewest most likely whose probability reaches top_p; 1 = all
+    seed: int = 0  # sampling: the draw at each position depends only on (seed, position)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,11 +130,26 @@ def recalibrate(head_sets, costs, lm_weight, tree=None):
     return out
 
 
-def arm_kwargs(arm, cfg, head_sets, eos_id, lm_weight, cache=None):
-    """generate() keyword arguments of one arm. Only the cerberus arm gates; the others always go parallel."""
-    kwargs = dict(max_new_tokens=cfg.max_new_tokens, eos_id=eos_id, cache=cache)
+def arm_settings(arms, cfg, model, head_sets, eos_id, max_len):
+    """{arm: (Decoder, its generate() keyword arguments)}. Arms that share heads, tree and gate signal
+    share a Decoder (its cache and compiled steps): cerberus_nogate is cerberus with threshold inf."""
+    decoders, settings = {}, {}
+    for arm in arms:
+        options = arm_options(arm, cfg, head_sets)
+        threshold = options.pop("gate_threshold")
+        key = (HEAD_SET.get(arm), options.get("tree") and tuple(options["tree"].paths), options.get("gate_on"))
+        if key not in decoders:
+            sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
+            decoders[key] = Decoder(model, **options, sampling=sampling, max_len=max_len)
+        settings[arm] = (decoders[key], dict(max_new_tokens=cfg.max_new_tokens, gate_threshold=threshold,
+                                             eos_id=eos_id, seed=cfg.seed))
+    return settings
+
+
+def arm_options(arm, cfg, head_sets):
+    """Heads, tree and gate of one arm. Only the cerberus arm gates; the others always go parallel."""
     if arm == "ar":
-        return kwargs
+        return dict(gate_threshold=math.inf)
     heads, ckpt = head_sets[HEAD_SET[arm]]
     gate = ckpt["gate"]
     threshold = math.inf  # medusa and cerberus_nogate: always a parallel step
@@ -138,8 +159,7 @@ def arm_kwargs(arm, cfg, head_sets, eos_id, lm_weight, cache=None):
                              f"nats) is for the {gate.get('gate_on', 'backbone')}'s entropy")
         threshold = gate["threshold"] if cfg.threshold < 0 else cfg.threshold
     tree = parse_tree(cfg.tree) if cfg.tree else Tree(gate["tree"])
-    return dict(kwargs, heads=heads, tree=tree, gate_threshold=threshold,
-                gate_on=cfg.gate_on or gate.get("gate_on", "backbone"), draft_weight=heads.draft_weight(lm_weight))
+    return dict(heads=heads, tree=tree, gate_threshold=threshold, gate_on=cfg.gate_on or gate.get("gate_on", "backbone"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,10 +168,10 @@ def arm_kwargs(arm, cfg, head_sets, eos_id, lm_weight, cache=None):
 Generation = namedtuple("Generation", "ids stats seconds")
 
 
-def prefill_seconds(model, ids, max_new_tokens, cache=None):
-    """Time of what every generate() call does before decoding: make its cache, one forward over the prompt."""
+def prefill_seconds(model, ids):
+    """Time of what every generate() call does before decoding: one forward over the prompt, into a cache."""
     prompt = torch.tensor([ids], device=model.embed.weight.device)
-    return timed(lambda: model(prompt, cache_for(model, len(ids) + max_new_tokens + 1, cache)))[1]
+    return timed(lambda: model(prompt, cache_for(model, len(ids))))[1]
 
 
 def run_arms(model, prompts, settings):
@@ -159,8 +179,8 @@ def run_arms(model, prompts, settings):
     identical across arms). Arms take turns on each prompt, so drift in machine load hits them all alike."""
     runs = {arm: [] for arm in settings}
     for prompt in tqdm(prompts, desc="/".join(settings), unit="prompt", file=sys.stderr):
-        for arm, kwargs in settings.items():
-            (ids, stats), seconds = timed(lambda: generate(model, prompt["ids"], **kwargs))
+        for arm, (decoder, kwargs) in settings.items():
+            (ids, stats), seconds = timed(lambda: decoder.generate(prompt["ids"], **kwargs))
             runs[arm].append(Generation(ids, stats, seconds))
     return runs
 
@@ -269,7 +289,7 @@ def print_tables(results, settings, accuracy, accuracy_by_category):
     print(f"{'arm':<16} {'nodes':>5} {'tok/s':>7} {'speedup':>8} {'min-max':>11} {'tau':>5} {'ms/step':>7} {'match':>6} "
           f"{'AR frac':>7} {'0-accept':>8}  accept-length histogram")
     for arm, r in results.items():
-        nodes = settings[arm]["tree"].n_nodes if "tree" in settings[arm] else 1
+        nodes = settings[arm][0].tree.n_nodes
         zero = "-" if r["zero_accept"] is None else f"{r['zero_accept']:.3f}"
         lo, hi = min(r["speedup_rounds"]), max(r["speedup_rounds"])
         spread = f"{lo:.2f}-{hi:.2f}" if len(r["speedup_rounds"]) > 1 else "-"
@@ -319,14 +339,7 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
     lm_weight = model.lm_head.weight.to(draft_dtype)  # what the heads draft through, cast once, not per call
     fixed_tree = parse_tree(cfg.tree) if cfg.tree else None  # else each checkpoint's own
     sizes = sorted(set(STEP_SIZES) | {fixed_tree.n_nodes if fixed_tree else 1})  # trees are chosen among these
-    cache = None  # with --compile: one static cache for every call, so compiled steps keep their shapes
-    if cfg.compile:  # the backbone's decode steps, and the heads (a few dozen small ops per draft, eager)
-        mode = "reduce-overhead" if device.type == "cuda" else "default"
-        model.compile_steps(mode)
-        for heads, _ in head_sets.values():
-            heads.compile(mode=mode)
-        longest = max(len(p["ids"]) for p in prompts) + cfg.max_new_tokens
-        cache = KVCache(model.config, max(longest, STEP_PREFIX) + max(sizes), device=device, dtype=dtype, static=True)
+    max_len = max(len(p["ids"]) for p in prompts) + cfg.max_new_tokens + max(sizes)  # every decoder's cache
 
     conditions = {"device": device_name(device), "dtype": cfg.dtype, "compile": cfg.compile,
                   "tree": cfg.tree or "calibrated", "n_prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens,
@@ -334,23 +347,31 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
     print(f"bench | {' | '.join(f'{k} {v}' for k, v in conditions.items())} | drafts {cfg.draft_dtype} | prompts "
           f"{cfg.prompts or 'data/bench_prompts.jsonl'} | torch {torch.__version__} | load avg {load_before:.2f}")
     setup_start = time.perf_counter()  # with --compile, compiling happens in the first calls below
-    costs = step_costs(model, sizes, STEP_PREFIX, cache)
-    print(f"step cost of one forward of T tokens on a {STEP_PREFIX}-token cache, and the trees and gates for it:")
+    costs = step_costs(model, sizes, STEP_PREFIX)
+    print(f"step cost of one eager forward of T tokens on a {STEP_PREFIX}-token cache, and the trees and gates for it:")
     for T, s in costs.items():
         print(f"  T={T:<3d} {1e3 * s:8.2f} ms  {s / costs[1]:5.2f}x T=1  {'#' * round(40 * s / max(costs.values()))}")
     head_sets = recalibrate(head_sets, costs if cfg.calibrate else None, lm_weight, fixed_tree)
-    settings = {arm: arm_kwargs(arm, cfg, head_sets, eos_id, lm_weight, cache) for arm in arms}
+    settings = arm_settings(arms, cfg, model, head_sets, eos_id, max_len)
     # Threshold inf: cerberus_nogate would repeat cerberus step for step; timing it twice would measure only noise.
-    twins = {"cerberus", "cerberus_nogate"} <= settings.keys() and settings["cerberus"]["gate_threshold"] == math.inf
-    timed_settings = {arm: kw for arm, kw in settings.items() if not (twins and arm == "cerberus_nogate")}
-    warm = {arm: timed(lambda: generate(model, prompts[0]["ids"], **dict(kwargs, max_new_tokens=8)))[1]
-            for arm, kwargs in timed_settings.items()}  # untimed; with --compile, compiling happens here
+    twins = {"cerberus", "cerberus_nogate"} <= settings.keys() and settings["cerberus"][1]["gate_threshold"] == math.inf
+    timed_settings = {arm: s for arm, s in settings.items() if not (twins and arm == "cerberus_nogate")}
+    if cfg.compile:  # one graph per step kind; on CUDA replayed as a CUDA graph
+        for decoder in {id(d): d for d, _ in settings.values()}.values():
+            decoder.compile("reduce-overhead" if device.type == "cuda" else "default")
+    warm = {arm: timed(lambda: [decoder.generate(prompts[0]["ids"], **dict(kwargs, gate_threshold=t, max_new_tokens=8))
+                                for t in (0.0, math.inf)])[1]  # untimed: an AR step and a tree step, compiled here
+            for arm, (decoder, kwargs) in timed_settings.items()}
     setup_s = time.perf_counter() - setup_start
-    prefill = [prefill_seconds(model, p["ids"], cfg.max_new_tokens, cache) for p in prompts]
+    prefill = [prefill_seconds(model, p["ids"]) for p in prompts]
+    compiled_graphs = counters["stats"]["unique_graphs"]
     print(f"step costs, calibration and warm-up took {setup_s:.1f} s{', compiling included' if cfg.compile else ''}; "
           f"prefill (subtracted for decode tok/s) {1e3 * statistics.mean(prefill):.1f} ms a prompt")
     rounds = [run_arms(model, prompts, timed_settings) for _ in range(cfg.repeat)]
     load_after = os.getloadavg()[0]
+    compile_stats = dict(graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()),
+                         recompiles=counters["stats"]["unique_graphs"] - compiled_graphs,  # new graphs while timed
+                         cudagraph_skips=counters["inductor"]["cudagraph_skips"]) if cfg.compile else None
     results = report(rounds, prompts, prefill)
     if twins:
         results["cerberus_nogate"] = dict(results["cerberus"], same_as="cerberus")
@@ -366,7 +387,9 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
               f"MB, so AR could reach {roof['ar_roofline_tok_s']:.0f} tok/s; MBU {roof['ar_mbu']:.3f}")
     summary = dict(conditions, setup_s=round(setup_s, 1), load_before=load_before, load_after=load_after,
                    noise_warnings=warnings, arms={arm: dict(r, warmup_s=warm[arm]) for arm, r in results.items()},
-                   head_accuracy=heads_seen, head_accuracy_by_category=heads_by_category, roofline=roof)
+                   head_accuracy=heads_seen, head_accuracy_by_category=heads_by_category, roofline=roof,
+                   compile_stats=compile_stats, sampling=dict(temperature=cfg.temperature, top_k=cfg.top_k,
+                                                              top_p=cfg.top_p, seed=cfg.seed))
     print(json.dumps(summary))  # last line of stdout
     return summary
 
