@@ -137,13 +137,16 @@ def passage_tasks(rng, unused):
     for title, text in passages[PER_CATEGORY:2 * PER_CATEGORY]:
         words = sorted({w for w in re.findall(r"[A-Za-z']{7,}", text)})
         question = rng.choice(QUESTIONS).format(word=rng.choice(words) if words else "love")
-        rows.append(row("doc_qa", "shakespeare", rng.choice(DOCUMENT).format(text=text, title=title, question=question)))
-    lines = [("shakespeare", "\n".join(text.split("\n")[:rng.randint(2, 6)])) for _, text in passages[2 * PER_CATEGORY:]]
+        prompt = rng.choice(DOCUMENT).format(text=text, title=title, question=question)
+        rows.append(row("doc_qa", "shakespeare", prompt))
+    lines = [("shakespeare", "\n".join(text.split("\n")[:rng.randint(2, 6)]))  # the first 2-6 lines of a passage
+             for _, text in passages[2 * PER_CATEGORY:]]
     short = {source: [(source, r["prompt"]) for r in unused if r["source"] == source and len(r["prompt"]) <= 300]
              for source in ("gsm8k", "nq_open")}
     short["messages"] = [(r["source"], r["prompt"]) for r in messages if len(r["prompt"]) <= 300]
+    # a third each of Shakespeare and GSM8K, a sixth each of NQ-open and chat messages
     texts = (lines[:PER_CATEGORY // 3] + short["gsm8k"][:PER_CATEGORY // 3] + short["nq_open"][:PER_CATEGORY // 6]
-             + short["messages"][:PER_CATEGORY // 6])  # a third each of Shakespeare and GSM8K, a sixth each of NQ and chat
+             + short["messages"][:PER_CATEGORY // 6])
     for source, text in texts:
         modernise = source == "shakespeare" and rng.random() < 0.3
         template = rng.choice(MODERNISE if modernise else TRANSLATE)

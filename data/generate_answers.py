@@ -2,7 +2,7 @@
 
     python data/generate_answers.py                    # every shard of data/train_prompts.jsonl; resumes
     nice -n 19 nohup python data/generate_answers.py > runs/datagen.log 2>&1 &    # in the background
-    torchrun --nproc_per_node=8 data/generate_answers.py   # shard k on rank k % 8 (a GPU each: minutes)
+    torchrun --nproc_per_node=8 data/generate_answers.py --batch_size=256   # GPUs: shard k on rank k % 8
 
 Shard k holds the answers to prompt lines [256 k, 256 (k + 1)) of the prompt file: every first turn,
 then every follow-up, answered after the model's own first answer. A shard is written whole (to a

@@ -92,7 +92,8 @@ def test_teacher_forced_states_equal_those_captured_while_generating():
     first = [a[:n].tolist() for a, n in zip(answers, lengths.tolist())]
     seconds = [conversation(tok, row, ids) for row, ids in zip(rows, first) if row.get("follow_up")]
     answers2, states2, lengths2 = gen.batched_generate(model, seconds, 12, eos_id=2)
-    sequences = [c + a for c, a in zip(chats, first)] + [c + a[:n].tolist() for c, a, n in zip(seconds, answers2, lengths2)]
+    sequences = ([c + a for c, a in zip(chats, first)]
+                 + [c + a[:n].tolist() for c, a, n in zip(seconds, answers2, lengths2)])
     n_answer = lengths.tolist() + lengths2.tolist()
     recomputed = teacher_forced_states(model, sequences, n_answer, max_tokens=400)  # several batches
     captured = [s[:n] for s, n in zip(list(states) + list(states2), n_answer)]
@@ -168,10 +169,10 @@ def test_a_killed_shard_write_leaves_no_half_shard(tmp_path, monkeypatch):
     assert sorted(all_answers(cfg.answers_dir)) == sorted([(i, 1) for i in range(5)] + [(1, 2), (3, 2)])
 
 
-def test_shard_positions_line_up_with_their_targets(tmp_path, monkeypatch):
+def test_shard_positions_line_up_with_their_targets(tmp_path):
     """Teacher-forced positions from a shard: each row's hidden state predicts its column-0 target (the
     backbone's own greedy token), categories and turns follow the prompt rows, and every 1/holdout-th
-    prompt line, both turns, is held out. A shard of another backbone is refused."""
+    prompt line, both turns, is held out. A shard of another backbone, or of other prompts, is refused."""
     model, tok = tiny_gpt(config=CHAT), ByteChat()
     rows = prompt_rows(10)
     prompts = write_prompts(tmp_path / "prompts.jsonl", rows)
@@ -185,8 +186,11 @@ def test_shard_positions_line_up_with_their_targets(tmp_path, monkeypatch):
     assert len(held["targets"]) == sum(len(ids) for (line, _), ids in answers.items() if line % 4 == 0)
     assert set(held["category"].tolist()) == {0, 4} and set(train["turn"].tolist()) == {1, 2}
     assert os.path.exists(tmp_path / "run" / "hidden" / "00000.pt")  # cached for the next run
+    shard = str(tmp_path / "answers" / "00000.npz")
     with pytest.raises(ValueError, match="another backbone"):
-        shard_data(tiny_gpt(seed=1, config=CHAT), tok, rows, str(tmp_path / "answers" / "00000.npz"), cfg)
+        shard_data(tiny_gpt(seed=1, config=CHAT), tok, rows, shard, cfg)
+    with pytest.raises(ValueError, match="other prompts"):
+        shard_data(model, tok, prompt_rows(11)[1:], shard, cfg)
 
 
 def test_prompts_that_overlap_a_benchmark_prompt_are_refused(tmp_path, monkeypatch):
@@ -198,7 +202,8 @@ def test_prompts_that_overlap_a_benchmark_prompt_are_refused(tmp_path, monkeypat
         ["Please write a HAIKU about the first snow of the winter, thanks", "Could you make it rhyme?", "make it"]
     clean = prompt_rows(3)
     assert gen.load_prompts(write_prompts(tmp_path / "clean.jsonl", clean)) == clean
-    for bad in ({"prompt": "Hello", "follow_up": "Now make it rhyme."}, {"prompt": "write a haiku about the first snow of the winter"}):
+    for bad in ({"prompt": "Hello", "follow_up": "Now make it rhyme."},
+                {"prompt": "write a haiku about the first snow of the winter"}):
         with pytest.raises(ValueError, match="overlap a benchmark prompt"):
             gen.load_prompts(write_prompts(tmp_path / "bad.jsonl", clean + [{"category": "chat", **bad}]))
     with pytest.raises(ValueError, match="is not one of"):
