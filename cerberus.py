@@ -1,14 +1,16 @@
-"""Cerberus decoding: draft heads, the entropy gate, tree verification and the decode loop.
+"""Cerberus decoding: draft heads, the entropy gate, tree verification, sampling and the decode loop.
 
 One decoding step, as in the paper (Liu et al., arXiv 2410.13344):
     gate:    entropy of the next-token distribution; high -> a plain AR step, low -> a parallel step
     propose: the heads read the last accepted hidden state and fill a token tree from their top-k
     verify:  one backbone forward over the whole tree (tree attention mask); keep the deepest node
-             whose every ancestor is the backbone's own greedy choice, plus the backbone's next token
+             whose every ancestor is the backbone's own choice (argmax, or its seeded draw), plus
+             the backbone's choice after it
     keep:    compact the accepted path's K/V in the cache; the rest is overwritten later
-The output is token for token the output of plain greedy AR: drafts only change the speed.
+The output is token for token AR's, greedy or sampled with the same seed: drafts only change the speed.
+
+    python cerberus.py "your question"    # the answer, drafted tokens marked, tau and speed against AR
 """
-import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -45,14 +47,14 @@ class DraftHeads(nn.Module):
         C = config.n_embd
         self.n_heads, self.n_embd, self.vocab_size = n_heads, C, config.vocab_size
         self.spec = dict(kind=kind, n_heads=n_heads, n_layers=n_layers, reads_root=reads_root)
+        self.needs_root = reads_root  # token-linked Cerberus heads need the root's row too
         self.root_weight = nn.Parameter(torch.zeros(C, 2 * C)) if reads_root else None
         self.root_bias = nn.Parameter(torch.zeros(C)) if reads_root else None
         self.register_buffer("vocab", None)  # (D,) token ids the heads draft over; None = all V (draft_over)
 
     def draft_over(self, token_ids):
-        """Let the heads draft over these D token ids only (a draft vocabulary, as in EAGLE-3): their
-        lm_head shrinks from V to D rows. train.py picks the tokens the backbone writes most often. A
-        token outside them can never be drafted, which costs acceptance only, never correctness."""
+        """Let the heads draft over these D token ids only (a draft vocabulary, as in EAGLE-3): their lm_head
+        shrinks from V to D rows. A token outside them is never drafted: acceptance falls, never correctness."""
         ids = torch.as_tensor(token_ids, dtype=torch.long)
         if ids.ndim != 1 or len(ids) == 0 or int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
             raise ValueError(f"a draft vocabulary is a non-empty 1-D list of token ids in [0, {self.vocab_size})")
@@ -60,13 +62,11 @@ class DraftHeads(nn.Module):
         return self
 
     @property
-    def n_draft_tokens(self):
-        """D, the size of the heads' draft vocabulary (V without one)."""
+    def n_draft_tokens(self):  # D, the size of the draft vocabulary (V without one)
         return self.vocab_size if self.vocab is None else len(self.vocab)
 
     def draft_weight(self, lm_weight):
-        """lm_head (V, C) -> the rows the heads draft through: (D, C) with a draft vocabulary, else
-        (V, C). With a vocabulary it is a copy: make it once per model, not at every step."""
+        """lm_head (V, C) -> the rows the heads draft through, (D, C): a copy with a draft vocabulary."""
         return lm_weight if self.vocab is None else lm_weight[self.vocab].contiguous()
 
     @staticmethod
@@ -77,12 +77,10 @@ class DraftHeads(nn.Module):
     def input_state(self, hidden, root_vec):
         """hidden, root_vec (..., C) -> (M, C), M positions. root_vec may be None for the papers' heads."""
         h = hidden.reshape(-1, self.n_embd)
-        if self.root_weight is None:
-            return h
-        if root_vec is None:
-            raise ValueError("these heads read the root token (reads_root=True): pass root_vec, the lm_head "
-                             "row of the backbone's next token (head_logits(..., root_vec=lm_weight[ids]))")
-        return h + F.silu(torch.cat([h, root_vec.reshape(h.shape)], -1) @ self.root_weight.mT + self.root_bias)
+        if self.needs_root and root_vec is None:
+            raise ValueError("these heads read the root token (reads_root=True or link='token'): pass root_vec, the "
+                             "lm_head row of the backbone's next token (head_logits(..., root_vec=lm_weight[ids]))")
+        return h if self.root_weight is None else h + F.silu(torch.cat([h, root_vec.reshape(h.shape)], -1) @ self.root_weight.mT + self.root_bias)
 
 
 class MedusaHeads(DraftHeads):
@@ -102,7 +100,7 @@ class MedusaHeads(DraftHeads):
 
 
 class CerberusHeads(DraftHeads):
-    """Heads with the sequential-knowledge link inside (DESIGN §1).
+    """Heads with the sequential-knowledge link inside.
 
     stage 1:  z_k = h, then n_layers Medusa blocks z_k = z_k + SiLU(W_k z_k)   (our reading: one)
     stage 2:  s_k = z_k + SiLU(A_k [z_k ; x_{k-1}])      head k also sees what head k-1 did
@@ -120,7 +118,7 @@ class CerberusHeads(DraftHeads):
         super().__init__(config, "cerberus", n_heads, n_layers, reads_root)
         if link not in ("hidden", "token"):
             raise ValueError(f"unknown Cerberus link {link!r}; expected 'hidden' or 'token'")
-        self.spec["link"] = link
+        self.spec["link"], self.needs_root = link, reads_root or link == "token"
         C = config.n_embd
         self.w1 = nn.Parameter(torch.zeros(n_layers, n_heads, C, C))
         self.b1 = nn.Parameter(torch.zeros(n_layers, n_heads, C))
@@ -135,9 +133,6 @@ class CerberusHeads(DraftHeads):
             z_prev = torch.cat([h[None], z[:-1]])  # (n, M, C): z_{k-1}, with z_0 = h
             s = z + F.silu(torch.cat([z, z_prev], -1) @ self.w2[:n].mT + self.b2[:n, None])  # (n, M, C)
             return self.project(s, draft_weight)
-        if root_vec is None:
-            raise ValueError("token-linked Cerberus heads start from the root token: pass root_vec, the lm_head "
-                             "row of the backbone's next token (head_logits(..., root_vec=lm_weight[ids]))")
         x_prev, logits = root_vec.reshape(h.shape), []
         for k in range(n):
             s_k = z[k] + F.silu(torch.cat([z[k], x_prev], -1) @ self.w2[k].mT + self.b2[k])  # (M, C)
@@ -150,12 +145,10 @@ class CerberusHeads(DraftHeads):
 
 def build_heads(config, spec):
     """Heads from their spec dict (as stored in checkpoints): {"kind": "medusa"|"cerberus", ...}."""
-    kinds = {"medusa": MedusaHeads, "cerberus": CerberusHeads}
-    spec = dict(spec)
-    kind = spec.pop("kind")
+    kinds, (kind, options) = {"medusa": MedusaHeads, "cerberus": CerberusHeads}, (spec["kind"], dict(spec))
     if kind not in kinds:
         raise ValueError(f"unknown head kind {kind!r}; expected one of {sorted(kinds)}")
-    return kinds[kind](config, **spec)
+    return kinds[options.pop("kind")](config, **options)
 
 
 def parameter_count(module):
@@ -165,12 +158,10 @@ def parameter_count(module):
 def head_logits(heads, draft_weight, hidden, n, root_vec=None):
     """Draft logits of the first n heads through the shared lm_head: hidden (..., C) -> (n, ..., D).
 
-    draft_weight: heads.draft_weight(lm_head weight), (D, C); logit j scores token heads.vocab[j]
-    (token j without a draft vocabulary, D = V). root_vec (..., C): the lm_head row of the backbone's
-    own next token at each position (a tree's root); heads built with reads_root=True and token-linked
-    Cerberus heads need it, the papers' heads ignore it. Heads and draft_weight may be in a cheaper
-    dtype than the backbone (bfloat16, say): drafts never change the output.
-    """
+    draft_weight: heads.draft_weight(lm_head weight), (D, C); logit j scores token heads.vocab[j] (token j
+    without a draft vocabulary). root_vec (..., C): the lm_head row of the backbone's own next token (a
+    tree's root), read by reads_root and token-linked heads. The heads' dtype may be cheaper than the
+    backbone's (bfloat16): drafts never change the output."""
     dtype = next(heads.parameters()).dtype
     logits = heads(hidden.to(dtype), draft_weight, n, None if root_vec is None else root_vec.to(dtype))  # (n, M, D)
     return logits.reshape(n, *hidden.shape[:-1], -1)
@@ -379,8 +370,6 @@ def load_heads(path, model):
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
     if "vocab" in state:  # the token ids the heads draft over (train.py's draft_vocab)
         heads.draft_over(state["vocab"])
-    if ckpt["spec"]["kind"] == "cerberus" and "n_layers" not in ckpt["spec"]:  # saved before stage 1 could
-        state["w1"], state["b1"] = state["w1"][None], state["b1"][None]  # be deeper: one block, unstacked
     heads.load_state_dict(state)
     return heads.to(model.embed.weight.device), ckpt
 
@@ -398,27 +387,23 @@ class Decoder(nn.Module):
 
     def __init__(self, model, heads=None, tree=None, gate_on="backbone", sampling=Sampling(), max_len=1024):
         super().__init__()
-        if gate_on not in ("backbone", "head1"):
-            raise ValueError(f"unknown gate_on {gate_on!r}: use 'backbone' (next-token entropy) or 'head1'")
-        if tree is not None and heads is None:
-            raise ValueError("a tree needs draft heads: pass heads=... or drop tree=")
-        tree = Tree.chain(heads.n_heads) if heads is not None and tree is None else tree or Tree([])
-        check_heads(model, heads, tree)
+        tree = Tree.chain(heads.n_heads) if heads is not None and tree is None else tree
+        check_parts(model, heads, tree, gate_on)
+        tree = tree or Tree([])
         cfg, weight = model.config, model.embed.weight
-        self.model, self.heads, self.tree, self.root_only = model, heads, tree, Tree([])
-        self.gate_on, self.sampling = gate_on, sampling
+        self.model, self.heads, self.gate_on, self.sampling = model, heads, gate_on, sampling
+        self.tree, self.root_only = tree.to(weight.device), Tree([]).to(weight.device)
         self.cache = KVCache(cfg, max_len, device=weight.device, dtype=weight.dtype)
-        draft_dtype = next(heads.parameters()).dtype if heads is not None else weight.dtype
-        self.register_buffer("draft_weight", heads.draft_weight(model.lm_head.weight).to(draft_dtype)
-                             if heads is not None else None, persistent=False)  # (D, C), one copy
-        state = dict(length=torch.zeros(1, dtype=torch.long), root=torch.zeros(1, dtype=torch.long),
-                     hidden=torch.zeros(cfg.n_embd, dtype=weight.dtype), seed=torch.zeros(1, dtype=torch.long),
-                     threshold=torch.zeros(1), drafts=torch.zeros(tree.max_depth, heads.n_draft_tokens if heads else 0))
-        for name, value in state.items():  # persistent=False: the state is no part of a checkpoint
-            self.register_buffer(name, value.to(weight.device), persistent=False)
-        for buffer in (self.cache.k, self.cache.v, *state.values()):
-            torch._dynamo.mark_static_address(buffer)  # CUDA graphs write into them in place
-        self.to(weight.device)
+        if heads is not None:  # (D, C): the lm_head rows the heads draft through, one copy in their dtype
+            heads.to(weight.device)
+            self.draft_weight = heads.draft_weight(model.lm_head.weight).to(next(heads.parameters()).dtype)
+        zeros = lambda *shape, dtype=torch.long: torch.zeros(shape, dtype=dtype, device=weight.device)  # noqa: E731
+        self.length, self.root, self.seed, self.threshold = zeros(1), zeros(1), zeros(1), zeros(1, dtype=torch.float)
+        self.hidden = zeros(cfg.n_embd, dtype=weight.dtype)  # the state: on the device, at fixed addresses
+        self.drafts = zeros(tree.max_depth, heads.n_draft_tokens if heads else 0, dtype=torch.float)
+        for state in (self.cache.k, self.cache.v, self.length, self.root, self.seed, self.threshold, self.hidden,
+                      self.drafts):
+            torch._dynamo.mark_static_address(state)  # CUDA graphs write into them in place
 
     def draft(self):
         """Draft logits of heads 1..max_depth from the last accepted hidden state and root: (K, D)."""
@@ -463,9 +448,8 @@ class Decoder(nn.Module):
         return torch.cat([n_new, best, parallel_next, tokens]), signal
 
     def compile(self, mode="default"):
-        """torch.compile the step, whole (fullgraph) and with fixed shapes: one graph per tree (the
-        root-only tree included), reused for every prompt. mode="reduce-overhead" on CUDA replays it
-        as a CUDA graph. The prefill, a new length for every prompt, stays eager."""
+        """torch.compile the step whole, with fixed shapes: one graph per tree (the root-only one too) for
+        every prompt; mode="reduce-overhead" replays it as a CUDA graph. The prefill stays eager."""
         self.step = torch.compile(self.step, fullgraph=True, dynamic=False, mode=mode)
         return self
 
@@ -492,10 +476,12 @@ class Decoder(nn.Module):
             new = [tokens[i] for i in nodes]
             if eos_id in new:
                 new = new[:new.index(eos_id) + 1]  # EOS may arrive inside an accepted chunk
-            out += new[:max_new_tokens - len(out)]
-            stats.record(parallel, n_new, len(out) - stats.new_tokens,
-                         dict(gate=gate, tree=tokens, path=nodes, emitted=out[stats.new_tokens:]) if parallel else
-                         dict(gate=gate, tree=None, path=None, emitted=out[stats.new_tokens:]))
+            new = new[:max_new_tokens - len(out)]
+            out += new
+            stats.record(parallel, n_new - 1, len(new))
+            if trace:
+                stats.trace.append(dict(gate=gate, tree=tokens if parallel else None, path=nodes if parallel else None,
+                                        emitted=new))
             parallel = bool(parallel_next)
         return out, stats
 
@@ -506,18 +492,15 @@ class Stats:
     ar_steps: int = 0  # of which plain AR steps (the gate said no, or no heads)
     new_tokens: int = 0
     accept_lengths: list = field(default_factory=list)  # drafts accepted at each parallel step
-    trace: list = None  # per step: its kind, tree tokens, accepted path, emitted tokens (trace=True)
+    trace: list = None  # per step: gate entropy, tree tokens, accepted path, emitted tokens (trace=True)
 
-    def record(self, parallel, n_new, n_emitted, step):
-        """One step: n_new tokens accepted (the backbone's own included), n_emitted kept after EOS and
-        max_new_tokens cut, and the step's trace entry."""
+    def record(self, parallel, accepted, emitted):
+        """One step: `accepted` drafts (0 for an AR step), `emitted` tokens after the EOS and length cut."""
         self.steps += 1
         self.ar_steps += not parallel
-        self.new_tokens += n_emitted
+        self.new_tokens += emitted
         if parallel:
-            self.accept_lengths.append(n_new - 1)
-        if self.trace is not None:
-            self.trace.append(step)
+            self.accept_lengths.append(accepted)
 
     @property
     def tokens_per_step(self):
@@ -529,9 +512,14 @@ class Stats:
         return dict(sorted(Counter(self.accept_lengths).items()))
 
 
-def check_heads(model, heads, tree):
-    """Heads built for another backbone, or too few for the tree: a ValueError that says so."""
+def check_parts(model, heads, tree, gate_on):
+    """A tree without heads, heads built for another backbone or too few for the tree, an unknown gate:
+    a ValueError that says so."""
     cfg = model.config
+    if gate_on not in ("backbone", "head1"):
+        raise ValueError(f"unknown gate_on {gate_on!r}: use 'backbone' (next-token entropy) or 'head1'")
+    if tree is not None and heads is None:
+        raise ValueError("a tree needs draft heads: pass heads=... or drop tree=")
     if heads is None:
         return
     if (heads.n_embd, heads.vocab_size) != (cfg.n_embd, cfg.vocab_size):
@@ -575,3 +563,33 @@ def generate(model, prompt_ids, max_new_tokens, heads=None, tree=None, gate_thre
     decoder = Decoder(model, heads, tree, gate_on, Sampling(temperature, top_k, top_p),
                       max_len=len(prompt_ids) + max(max_new_tokens, 1) + tree_slots)
     return decoder.generate(prompt_ids, max_new_tokens, gate_threshold, eos_id, seed, trace)
+
+
+def main(argv):
+    """python cerberus.py "your question": SmolLM2's answer with the shipped Cerberus heads, the tokens
+    from accepted drafts marked, then tau and decode speed against plain AR on the same prompt."""
+    import sys
+    import time
+    from model import chat_prompt, load_smollm2
+    model, tokenizer = load_smollm2()
+    heads, ckpt = load_heads(os.path.join(os.path.dirname(os.path.abspath(__file__)), "heads", "cerberus.pt"), model)
+    prompt, gate = chat_prompt(tokenizer, " ".join(argv) or "What makes a good cup of coffee?"), ckpt["gate"]
+    eos_id, runs, max_len = tokenizer.encode("<|im_end|>", allowed_special="all")[0], {}, len(prompt) + 300
+    for name, decoder in [("AR", Decoder(model, max_len=max_len)),
+                          ("Cerberus", Decoder(model, heads, Tree(gate["tree"]), gate["gate_on"], max_len=max_len))]:
+        decoder.generate(prompt, 8, gate["threshold"], eos_id)  # warm-up: first calls pay one-off costs
+        start = time.perf_counter()
+        runs[name] = *decoder.generate(prompt, 256, gate["threshold"], eos_id, trace=True), time.perf_counter() - start
+    (ids, stats, seconds), (ar_ids, _, ar_seconds) = runs["Cerberus"], runs["AR"]
+    mark = ("\033[32m", "\033[0m") if sys.stdout.isatty() else ("[", "]")
+    for step in stats.trace:  # a tree step emits its root (the backbone's own token), then accepted drafts
+        drafted = tokenizer.decode(step["emitted"][1:])
+        print(tokenizer.decode(step["emitted"][:1]) + (mark[0] + drafted + mark[1] if drafted else ""), end="")
+    print(f"\n\n{mark[0]}marked{mark[1]}: accepted drafts. {len(ids)} tokens in {stats.steps} forwards: tau "
+          f"{stats.tokens_per_step:.2f}, {len(ids) / seconds:.1f} tok/s against AR's {len(ar_ids) / ar_seconds:.1f} "
+          f"({ar_seconds / seconds:.2f}x, prefill included); same tokens as AR: {ids == ar_ids}")
+
+
+if __name__ == "__main__":
+    import sys
+    main(sys.argv[1:])
