@@ -210,12 +210,13 @@ def generate_shards(model, tokenizer, rows, cfg):
     bar = tqdm(total=n_answers, desc=f"answers ({len(shards) - len(missing)} of {len(shards)} shards there)",
                unit="answer", disable=rank() > 0)
     for k in missing:
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()
         answers = answer_rows(model, tokenizer, shard_rows(rows, k), cfg, bar)
         write_shard(paths[k], answers, metas[k])
-        n_tokens = sum(map(len, answers.values()))  # the rate beside the load: the CPU may be shared
-        tqdm.write(f"shard {k}: {len(answers)} answers, {n_tokens} tokens, {n_tokens / (time.time() - t0):.0f} "
-                   f"tok/s, load average {os.getloadavg()[0]:.1f}")
+        n_tokens = sum(map(len, answers.values()))  # rates beside the load: the CPU may be shared, or paused
+        tqdm.write(f"shard {k}: {len(answers)} answers, {n_tokens} tokens, {n_tokens / (time.time() - t0):.0f} tok/s "
+                   f"of wall time, {n_tokens / (time.process_time() - cpu0):.0f} per CPU-second of this process, "
+                   f"load average {os.getloadavg()[0]:.1f}")
     bar.close()
     return list(paths.values())
 
