@@ -3,10 +3,9 @@
     python bench.py                # SmolLM2-135M, data/bench_prompts.jsonl, shipped heads; --help lists the flags
     python bench.py --repeat=3     # three timed rounds: each speedup's median and spread
 
-Prints the conditions, this device's step-cost curve and calibration, one row per arm, speedup and head
-accuracy per prompt category, the machine's load and a warning when the run measured the machine, then
-one JSON line. Every arm decodes greedily, or samples with the same seed (--temperature), so in float32
-each reproduces AR token for token (match 1.000): drafts change only the speed.
+Prints the conditions, this device's step costs and calibration, one row per arm, speedup and head accuracy
+per category, the machine's load (warning when the run measured the machine), then one JSON line. Every arm
+decodes greedily or samples with one seed, so in float32 each reproduces AR token for token (match 1.000).
 """
 import ast
 import itertools
@@ -69,11 +68,9 @@ def load_prompts(path, tokenizer, n):
     line is checked, so a malformed file fails before any timing."""
     if not os.path.isfile(path):
         raise ValueError(f"prompts file not found: {path}")
-    questions = []
+    by_category = {}  # category -> its questions, in file order
     with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+        for line_no, line in ((i, line) for i, line in enumerate(f, 1) if line.strip()):
             try:
                 question = json.loads(line)
             except json.JSONDecodeError as e:
@@ -81,22 +78,12 @@ def load_prompts(path, tokenizer, n):
             turns = question.get("turns") if isinstance(question, dict) else None
             if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
                 raise ValueError(f'{path}, line {line_no}: expected {{"category": ..., "turns": ["first turn", ...]}}')
-            questions.append(question)
-    if not questions:
+            by_category.setdefault(question.get("category", "all"), []).append(question)
+    if not by_category:
         raise ValueError(f"{path} holds no questions")
-    by_category = {}
-    for q in questions:
-        by_category.setdefault(q.get("category", "all"), []).append(q)
     spread = [q for rank in itertools.zip_longest(*by_category.values()) for q in rank if q is not None]
     return [{"category": q.get("category", "all"), "ids": chat_prompt(tokenizer, q["turns"][0])}
             for q in spread[:n or None]]
-
-
-def parse_arms(spec):
-    arms = [a.strip() for a in spec.split(",") if a.strip()]
-    if set(arms) - set(ARMS):
-        raise ValueError(f"unknown arm(s) {sorted(set(arms) - set(ARMS))}; valid arms are {list(ARMS)}")
-    return ["ar"] + [a for a in arms if a != "ar"]
 
 
 def parse_tree(spec):
@@ -105,10 +92,10 @@ def parse_tree(spec):
 
 
 def recalibrate(head_sets, costs, lm_weight, tree=None):
-    """Re-choose each head set's tree and gate (signal, threshold) for the step costs measured here from
-    the held-out entropies and target ranks in its checkpoint: a tree that pays on one device may lose on
-    another. With `tree` only the gate is chosen; with costs=None, or without that data, the stored gate
-    stays. Returns new head sets (the checkpoints given are left as they were); prints each one's gate."""
+    """Re-choose each head set's tree and gate (signal, threshold) for the step costs measured here, from the
+    held-out entropies and target ranks in its checkpoint: a tree that pays on one device may lose on another.
+    With `tree` only the gate is chosen; with costs=None, or without that data, the stored gate stays.
+    Returns new head sets (the checkpoints given are left as they were); prints each one's gate."""
     out = {}
     for name, (heads, ckpt) in head_sets.items():
         where = "as stored"
@@ -131,12 +118,21 @@ def recalibrate(head_sets, costs, lm_weight, tree=None):
 
 
 def arm_settings(arms, cfg, model, head_sets, eos_id, max_len):
-    """{arm: (Decoder, its generate() keyword arguments)}. Arms that share heads, tree and gate signal
-    share a Decoder (its cache and compiled steps): cerberus_nogate is cerberus with threshold inf."""
+    """{arm: (Decoder, its generate() keyword arguments)}. Only the cerberus arm gates; the others always go
+    parallel. Arms with the same heads, tree and gate signal share a Decoder (its cache and compiled steps)."""
     decoders, settings = {}, {}
     for arm in arms:
-        options = arm_options(arm, cfg, head_sets)
-        threshold = options.pop("gate_threshold")
+        options, threshold = {}, math.inf  # ar: no heads; medusa and cerberus_nogate: a parallel step every time
+        if arm != "ar":
+            heads, ckpt = head_sets[HEAD_SET[arm]]
+            gate = ckpt["gate"]
+            if arm == "cerberus" and cfg.gate_on not in ("", gate.get("gate_on", "backbone")) and cfg.threshold < 0:
+                raise ValueError(f"--gate_on={cfg.gate_on} needs --threshold: the calibrated one ({gate['threshold']:.3f} "
+                                 f"nats) is for the {gate.get('gate_on', 'backbone')}'s entropy")
+            if arm == "cerberus":
+                threshold = gate["threshold"] if cfg.threshold < 0 else cfg.threshold
+            options = dict(heads=heads, tree=parse_tree(cfg.tree) if cfg.tree else Tree(gate["tree"]),
+                           gate_on=cfg.gate_on or gate.get("gate_on", "backbone"))
         key = (HEAD_SET.get(arm), options.get("tree") and tuple(options["tree"].paths), options.get("gate_on"))
         if key not in decoders:
             sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
@@ -144,22 +140,6 @@ def arm_settings(arms, cfg, model, head_sets, eos_id, max_len):
         settings[arm] = (decoders[key], dict(max_new_tokens=cfg.max_new_tokens, gate_threshold=threshold,
                                              eos_id=eos_id, seed=cfg.seed))
     return settings
-
-
-def arm_options(arm, cfg, head_sets):
-    """Heads, tree and gate of one arm. Only the cerberus arm gates; the others always go parallel."""
-    if arm == "ar":
-        return dict(gate_threshold=math.inf)
-    heads, ckpt = head_sets[HEAD_SET[arm]]
-    gate = ckpt["gate"]
-    threshold = math.inf  # medusa and cerberus_nogate: always a parallel step
-    if arm == "cerberus":
-        if cfg.gate_on not in ("", gate.get("gate_on", "backbone")) and cfg.threshold < 0:
-            raise ValueError(f"--gate_on={cfg.gate_on} needs --threshold: the calibrated one ({gate['threshold']:.3f} "
-                             f"nats) is for the {gate.get('gate_on', 'backbone')}'s entropy")
-        threshold = gate["threshold"] if cfg.threshold < 0 else cfg.threshold
-    tree = parse_tree(cfg.tree) if cfg.tree else Tree(gate["tree"])
-    return dict(heads=heads, tree=tree, gate_threshold=threshold, gate_on=cfg.gate_on or gate.get("gate_on", "backbone"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,15 +219,15 @@ def head_accuracy(model, head_sets, lm_weight, prompts, ar_runs):
 def noise_warnings(results, load_before, load_after, device):
     """Print the machine's load; return why the speedups may describe the machine more than the method: rounds
     that disagree by over NOISY_SPREAD of the median, or other work on the cores above BUSY_LOAD per core."""
-    cores = os.cpu_count()
+    cores, n_rounds = os.cpu_count(), len(results["ar"]["speedup_rounds"])
     own = 1 if device.type == "cuda" else min(torch.get_num_threads(), cores)  # threads this benchmark keeps busy
-    n_rounds = len(results["ar"]["speedup_rounds"])
     print(f"noise: load avg (1 min) {load_before:.2f} before, {load_after:.2f} after the timed rounds ({own} of "
-          f"{cores} cores this benchmark's); " + (f"speedups are medians of {n_rounds} rounds" if n_rounds > 1
-                                                  else "one round: --repeat=3 measures each speedup's spread"))
+          f"{cores} cores this benchmark's); "
+          + (f"speedups are medians of {n_rounds} rounds" if n_rounds > 1 else "one round: --repeat=3 gives the spread"))
     warnings = [f"{arm}'s speedup ranged {min(r['speedup_rounds']):.2f}x..{max(r['speedup_rounds']):.2f}x across "
                 f"rounds, more than {NOISY_SPREAD:.0%} of its median: the machine's speed moved more than the method "
-                "shows; rerun on a quiet machine" for arm, r in results.items() if r["speedup_spread"] > NOISY_SPREAD]
+                "shows; rerun on a quiet machine"
+                for arm, r in results.items() if "same_as" not in r and r["speedup_spread"] > NOISY_SPREAD]
     busy = {f"before the benchmark started (load {load_before:.2f})": load_before,
             f"during the timed rounds (load {load_after:.2f}, {own} of it this benchmark's)": load_after - own}
     warnings += [f"other work on the {cores} cores {when}: the timings measure it too; stop it and rerun"
@@ -291,8 +271,7 @@ def print_tables(results, settings, accuracy, accuracy_by_category):
     for arm, r in results.items():
         nodes = settings[arm][0].tree.n_nodes
         zero = "-" if r["zero_accept"] is None else f"{r['zero_accept']:.3f}"
-        lo, hi = min(r["speedup_rounds"]), max(r["speedup_rounds"])
-        spread = f"{lo:.2f}-{hi:.2f}" if len(r["speedup_rounds"]) > 1 else "-"
+        spread = "-" if len(r["speedup_rounds"]) < 2 else f"{min(r['speedup_rounds']):.2f}-{max(r['speedup_rounds']):.2f}"
         print(f"{arm:<16} {nodes:>5} {r['tok_s']:7.2f} {r['speedup']:7.2f}x {spread:>11} {r['tau']:5.2f} "
               f"{r['ms_per_step']:7.2f} {r['match_rate']:6.3f} {r['ar_fraction']:7.3f} {zero:>8} "
               f" {r['accept_histogram']}")
@@ -313,13 +292,12 @@ def print_tables(results, settings, accuracy, accuracy_by_category):
 @torch.no_grad()
 def bench(cfg, model=None, tokenizer=None, head_sets=None):
     """Run the arms of cfg on the same prompts; print the tables and the JSON line; return the JSON dict.
-
-    model, tokenizer: default SmolLM2-135M-Instruct; "<|im_end|>" is the stop token.
-    head_sets: {"medusa" | "cerberus": (heads, checkpoint dict with a "gate")}; default: cfg.heads/<name>.pt.
-    The model and heads given are moved to cfg.device and cast in place, and compiled in place with cfg.compile.
-    """
+    model, tokenizer: default SmolLM2-135M-Instruct; "<|im_end|>" is the stop token. head_sets: {"medusa" |
+    "cerberus": (heads, checkpoint dict with a "gate")}, default cfg.heads/<name>.pt. Given ones are moved and cast."""
     load_before = os.getloadavg()[0]  # before loading anything: what else this machine is doing
-    arms = parse_arms(cfg.arms)  # fail before the slow loading
+    arms = ["ar"] + [a for a in (arm.strip() for arm in cfg.arms.split(",")) if a and a != "ar"]  # ar: the baseline
+    if set(arms) - set(ARMS):  # fail before the slow loading
+        raise ValueError(f"unknown arm(s) {sorted(set(arms) - set(ARMS))}; valid arms are {list(ARMS)}")
     if cfg.gate_on not in ("", "backbone", "head1"):
         raise ValueError(f"unknown gate_on {cfg.gate_on!r}: use 'backbone' (next-token entropy) or 'head1'")
     if cfg.repeat < 1:
@@ -388,8 +366,8 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
     summary = dict(conditions, setup_s=round(setup_s, 1), load_before=load_before, load_after=load_after,
                    noise_warnings=warnings, arms={arm: dict(r, warmup_s=warm[arm]) for arm, r in results.items()},
                    head_accuracy=heads_seen, head_accuracy_by_category=heads_by_category, roofline=roof,
-                   compile_stats=compile_stats, sampling=dict(temperature=cfg.temperature, top_k=cfg.top_k,
-                                                              top_p=cfg.top_p, seed=cfg.seed))
+                   compile_stats=compile_stats,
+                   sampling={k: getattr(cfg, k) for k in ("temperature", "top_k", "top_p", "seed")})
     print(json.dumps(summary))  # last line of stdout
     return summary
 

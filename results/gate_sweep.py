@@ -15,7 +15,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import bench  # noqa: E402
-from cerberus import generate, load_heads  # noqa: E402
+from cerberus import load_heads  # noqa: E402
 from model import load_smollm2  # noqa: E402
 from train import parse_cli, step_costs  # noqa: E402
 
@@ -36,12 +36,14 @@ def main(argv):
     tree = bench.parse_tree(cfg.tree) if cfg.tree else None
     costs = step_costs(model, sorted(set(bench.STEP_SIZES) | {tree.n_nodes if tree else 1}), bench.STEP_PREFIX)
     head_sets = bench.recalibrate({"cerberus": (heads.to(device, draft_dtype), ckpt)}, costs, lm_weight, tree)
-    cerberus = bench.arm_kwargs("cerberus", cfg, head_sets, eos_id, lm_weight)
-    arms = {"ar": bench.arm_kwargs("ar", cfg, head_sets, eos_id, lm_weight)}
-    arms |= {f"{t:g}": dict(cerberus, gate_threshold=t) for t in sorted(set(THRESHOLDS) | {cerberus["gate_threshold"]})}
-    for kwargs in arms.values():  # untimed warm-up
-        generate(model, prompts[0]["ids"], **dict(kwargs, max_new_tokens=8))
-    prefill = [bench.prefill_seconds(model, p["ids"], cfg.max_new_tokens) for p in prompts]
+    max_len = max(len(p["ids"]) for p in prompts) + cfg.max_new_tokens + max(costs)
+    settings = bench.arm_settings(["ar", "cerberus"], cfg, model, head_sets, eos_id, max_len)
+    decoder, kwargs = settings["cerberus"]  # one decoder for every threshold: only the gate changes
+    thresholds = sorted(set(THRESHOLDS) | {kwargs["gate_threshold"]})
+    arms = {"ar": settings["ar"], **{f"{t:g}": (decoder, dict(kwargs, gate_threshold=t)) for t in thresholds}}
+    for arm_decoder, arm_kwargs in arms.values():  # untimed warm-up
+        arm_decoder.generate(prompts[0]["ids"], **dict(arm_kwargs, max_new_tokens=8))
+    prefill = [bench.prefill_seconds(model, p["ids"]) for p in prompts]
     results = bench.report([bench.run_arms(model, prompts, arms)], prompts, prefill)
     print(f"{'threshold':>9} {'tok/s':>7} {'tau':>5} {'AR frac':>7}")
     for label, r in results.items():
