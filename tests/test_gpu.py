@@ -1,14 +1,13 @@
 """On a CUDA GPU (skipped elsewhere): lossless tree decoding of the real model in float32, and
-compiled decode steps (CUDA graphs on a static cache) giving eager's tokens."""
+compiled decode steps (one CUDA graph each) giving eager's tokens."""
 import copy
 import os
 
 import pytest
 import torch
 
-from cerberus import Tree, generate
-from model import KVCache, chat_prompt
-from cerberus import load_heads
+from cerberus import Decoder, Sampling, Tree, generate, load_heads
+from model import chat_prompt
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 HEADS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "heads", "cerberus.pt")
@@ -27,7 +26,7 @@ def gpu(smollm):
 
 @torch.no_grad()
 def test_float32_trees_on_the_gpu_give_greedy_ar(gpu):
-    """Guards the GPU kernels (SDPA with a tree mask, index copies in `keep`) against the CPU-only
+    """Guards the GPU kernels (SDPA with a tree mask, index copies in `move`) against the CPU-only
     assumptions: every tree gives AR's tokens on the same device and dtype."""
     model, heads, prompts = gpu
     for prompt in prompts:
@@ -38,15 +37,18 @@ def test_float32_trees_on_the_gpu_give_greedy_ar(gpu):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @torch.no_grad()
-def test_cuda_graph_steps_give_eager_tokens(gpu):
-    """What `bench.py --device=cuda --compile` runs: compile_steps("reduce-overhead"), compiled heads
-    and one static cache for every call. In float32 the replayed graphs give eager AR's tokens, for AR
-    and trees."""
+def test_cuda_graph_steps_give_eager_tokens_and_skip_no_graph(gpu):
+    """What `bench.py --device=cuda --compile` runs: each Decoder's step compiled whole with
+    mode="reduce-overhead". In float32 the replayed CUDA graphs give eager decoding's tokens, greedy and
+    sampled, AR and tree steps alike, and inductor skipped CUDA graphs for none of them."""
+    from torch._dynamo.utils import counters
     model, heads, prompts = gpu
-    expected = [generate(model, p, 64)[0] for p in prompts]
-    compiled, compiled_heads = copy.deepcopy(model).compile_steps(mode="reduce-overhead"), copy.deepcopy(heads)
-    compiled_heads.compile(mode="reduce-overhead")  # as bench.py --compile does: drafts replay too
-    cache = KVCache(model.config, 256, device="cuda", static=True)
-    for prompt, ids in zip(prompts, expected):
-        assert generate(compiled, prompt, 64, cache=cache)[0] == ids
-        assert generate(compiled, prompt, 64, heads=compiled_heads, tree=Tree.preset("sparse16"), cache=cache)[0] == ids
+    counters.clear()
+    for sampling in (Sampling(), Sampling(0.8, top_p=0.95)):
+        kwargs = dict(temperature=sampling.temperature, top_p=sampling.top_p, seed=1)
+        expected = [generate(model, p, 64, heads=heads, tree=Tree.preset("sparse16"), **kwargs)[0] for p in prompts]
+        decoder = Decoder(model, heads, Tree.preset("sparse16"), sampling=sampling, max_len=256).compile("reduce-overhead")
+        for prompt, ids in zip(prompts, expected):
+            assert decoder.generate(prompt, 64, seed=1)[0] == ids
+            assert decoder.generate(prompt, 64, gate_threshold=0.0, seed=1)[0] == ids  # AR steps
+    assert counters["inductor"]["cudagraph_skips"] == 0 and not counters["graph_break"]
