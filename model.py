@@ -4,6 +4,7 @@ Reading order: GPTConfig -> KVCache -> Attention / MLP / Block -> GPT.forward ->
 Shapes in comments: B batch, T new tokens, S attended positions (cached + new), C width,
 H query heads, G key/value heads, D head width, V vocabulary.
 """
+import hashlib
 import importlib.util
 import math
 import os
@@ -98,23 +99,17 @@ def rotary_table(config, device=None):
 
 def apply_rotary(x, cos, sin):
     """Rotate adjacent pairs (x[2i], x[2i+1]) by position-dependent angles, in float32. x: (B, H, T, D);
-    cos/sin: (T, D/2).
-
-    Adjacent pairs, not the two halves: llama.cpp's converter permutes Q/K so that GGUF weights
-    expect this layout.
-    """
+    cos/sin: (T, D/2). Adjacent pairs, not the two halves: llama.cpp's converter permutes Q/K for that."""
     x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
 def linear(x, weight):
-    """x @ weight.T, computed as (weight @ x.T).T on a CPU in float32: the same product, faster.
-
-    For the 1-8 rows of a decode step MKL's float32 kernels behind F.linear run far below memory speed,
-    while W @ x.T with x.T a transposed view of a row-major x reaches it (on a 2-core EPYC a SmolLM2
-    decode step takes about half the time). One row would still fall to the slow matrix-vector
-    kernel, so it is duplicated to two. bfloat16 (oneDNN) and GPUs keep F.linear, the faster one there.
-    """
+    """x @ weight.T, computed as (weight @ x.T).T on a CPU in float32: the same product, faster. For the
+    1-8 rows of a decode step MKL's float32 kernels behind F.linear run far below memory speed, while
+    W @ x.T with x.T a transposed view of a row-major x reaches it (a SmolLM2 decode step in about half
+    the time on a 2-core EPYC); one row, still a slow matrix-vector product, is doubled to two.
+    bfloat16 (oneDNN) and GPUs keep F.linear, the faster one there."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return F.linear(x, weight)
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, in), row-major: its .mT is the fast operand
@@ -145,11 +140,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, kv, slots, mask):
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(self.sizes, dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, G, T, D)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = (z.view(B, T, -1, self.head_dim).transpose(1, 2) for z in self.qkv(x).split(self.sizes, -1))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # q (B, H, T, D); k, v (B, G, T, D)
         if kv is not None:  # write the new keys/values into the cache, attend over prefix + new
             cache_k, cache_v = kv  # (B, G, max_len, D)
             cache_k[:, :, slots] = k  # slots: slice(L, L + T), or (T,) slot indices (the decode step)
@@ -188,11 +180,8 @@ class Block(nn.Module):
 
 
 def causal_mask(n_new, n_cached, device=None):
-    """(T, L+T) bool, True = may attend: every cached token, then causal among the T new ones.
-
-    This is the lower-right-aligned causal mask. SDPA's `is_causal=True` aligns top-left, which is
-    wrong as soon as a cached prefix exists (tests/test_model.py shows the difference).
-    """
+    """(T, L+T) bool, True = may attend: every cached token, then causal among the T new ones: causal
+    aligned lower right. SDPA's `is_causal=True` aligns top-left, wrong once a prefix is cached."""
     new = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril()
     return torch.cat([torch.ones(n_new, n_cached, dtype=torch.bool, device=device), new], dim=1)
 
@@ -210,7 +199,9 @@ class GPT(nn.Module):
         cos, sin = rotary_table(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
+        for module in self.modules():  # GPT-2's initialisation; load_gguf replaces it with real weights
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
 
     def _apply(self, fn, recurse=True):
         """What .to() and .cuda() run. They would cast the rotary tables with the weights; rebuilt in
@@ -218,11 +209,6 @@ class GPT(nn.Module):
         super()._apply(fn, recurse)
         self.rope_cos, self.rope_sin = rotary_table(self.config, self.embed.weight.device)
         return self
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
 
     def forward(self, idx, cache=None, pos=None, mask=None):
         """Logits and final (normed) hidden state of every position: (B, T) -> (B, T, V), (B, T, C).
@@ -273,7 +259,6 @@ class GPT(nn.Module):
     def fingerprint(self):
         """A short hash of the config and a few weights, the same in any dtype: heads trained for one
         backbone refuse another."""
-        import hashlib
         h = hashlib.sha256(repr(self.config).encode())
         q_weight = self.blocks[0].attn.qkv.weight[:self.blocks[0].attn.sizes[0]]  # the query rows
         for w in (self.embed.weight, q_weight, self.norm.weight):
@@ -324,11 +309,8 @@ def gguf_config(reader):
 
 
 def load_gguf(path, dtype=torch.float32):
-    """Read a llama-architecture GGUF file: returns (GPT in eval mode, tiktoken.Encoding or None).
-
-    Quantised tensors (Q4_1, Q8_0, ...) are dequantised with `gguf.quants.dequantize`, so the model
-    computes in `dtype`. The tokenizer is None when the file carries none.
-    """
+    """Read a llama-architecture GGUF file: returns (GPT in eval mode, tiktoken.Encoding or None when the
+    file has no tokenizer). Quantised tensors (Q4_1, Q8_0, ...) are dequantised: the model computes in dtype."""
     import gguf
 
     if not os.path.isfile(path):
@@ -338,6 +320,7 @@ def load_gguf(path, dtype=torch.float32):
     tensors = {t.name: t for t in reader.tensors}
     model = GPT(config)
     state = {}
+
     def dequantized(src):  # (out, in) float32
         if src not in tensors:
             raise ValueError(f"GGUF file lacks tensor {src!r}")
@@ -389,12 +372,9 @@ def byte_level_alphabet():
 
 
 def gguf_tokenizer(reader):
-    """tiktoken.Encoding from `tokenizer.ggml.tokens`: token ids are in merge order, so rank = id.
-
-    Control tokens (<|im_start|>, ...) become special tokens. Bytes the vocabulary lacks (a few
-    control characters and bytes that never occur in UTF-8) get ranks past the vocabulary so that
-    any text still encodes; `generate` rejects such ids with a clear error.
-    """
+    """tiktoken.Encoding from `tokenizer.ggml.tokens`: token ids are in merge order, so rank = id. Control
+    tokens (<|im_start|>, ...) become special tokens. Bytes the vocabulary lacks get ranks past it, so any
+    text still encodes; `generate` rejects such ids with a clear error."""
     import tiktoken
 
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
@@ -414,9 +394,6 @@ def gguf_tokenizer(reader):
 
 
 def chat_prompt(tokenizer, user, system="You are a helpful AI assistant named SmolLM, trained by Hugging Face"):
-    """Token ids of a ChatML prompt ending where the assistant starts to answer; with user=None,
-    ending where the user's turn starts (to let the model write a request itself)."""
-    text = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
-    if user is not None:
-        text += f"{user}<|im_end|>\n<|im_start|>assistant\n"
+    """Token ids of a ChatML prompt, ending where the assistant starts to answer."""
+    text = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
     return tokenizer.encode(text, allowed_special="all")
