@@ -61,9 +61,7 @@ class DraftHeads(nn.Module):
         self.vocab = ids.to(next(self.parameters()).device)
         return self
 
-    @property
-    def n_draft_tokens(self):  # D, the size of the draft vocabulary (V without one)
-        return self.vocab_size if self.vocab is None else len(self.vocab)
+    n_draft_tokens = property(lambda self: self.vocab_size if self.vocab is None else len(self.vocab))  # D
 
     def draft_weight(self, lm_weight):
         """lm_head (V, C) -> the rows the heads draft through, (D, C): a copy with a draft vocabulary."""
@@ -219,9 +217,7 @@ class Tree(nn.Module):
             self.register_buffer(name, torch.as_tensor(value), persistent=False)
         self.max_rank = int(self.rank.max())
 
-    @classmethod
-    def from_paths(cls, paths):
-        return cls(paths)
+    from_paths = classmethod(lambda cls, paths: cls(paths))
 
     @classmethod
     def chain(cls, k):
@@ -389,21 +385,20 @@ class Decoder(nn.Module):
         super().__init__()
         tree = Tree.chain(heads.n_heads) if heads is not None and tree is None else tree
         check_parts(model, heads, tree, gate_on)
-        tree = tree or Tree([])
-        cfg, weight = model.config, model.embed.weight
+        device, dtype = model.embed.weight.device, model.embed.weight.dtype
         self.model, self.heads, self.gate_on, self.sampling = model, heads, gate_on, sampling
-        self.tree, self.root_only = tree.to(weight.device), Tree([]).to(weight.device)
-        self.cache = KVCache(cfg, max_len, device=weight.device, dtype=weight.dtype)
+        self.tree, self.root_only = (tree or Tree([])).to(device), Tree([]).to(device)
         if heads is not None:  # (D, C): the lm_head rows the heads draft through, one copy in their dtype
-            heads.to(weight.device)
-            self.draft_weight = heads.draft_weight(model.lm_head.weight).to(next(heads.parameters()).dtype)
-        zeros = lambda *shape, dtype=torch.long: torch.zeros(shape, dtype=dtype, device=weight.device)  # noqa: E731
-        self.length, self.root, self.seed, self.threshold = zeros(1), zeros(1), zeros(1), zeros(1, dtype=torch.float)
-        self.hidden = zeros(cfg.n_embd, dtype=weight.dtype)  # the state: on the device, at fixed addresses
-        self.drafts = zeros(tree.max_depth, heads.n_draft_tokens if heads else 0, dtype=torch.float)
+            self.draft_weight = heads.to(device).draft_weight(model.lm_head.weight).to(next(heads.parameters()).dtype)
+        # The state: on the device, at fixed addresses (a CUDA graph writes into them in place)
+        self.cache = KVCache(model.config, max_len, device=device, dtype=dtype)
+        self.length, self.root, self.seed = (torch.zeros(1, dtype=torch.long, device=device) for _ in range(3))
+        self.threshold = torch.zeros(1, device=device)
+        self.hidden = torch.zeros(model.config.n_embd, dtype=dtype, device=device)
+        self.drafts = torch.zeros(self.tree.max_depth, heads.n_draft_tokens if heads else 0, device=device)
         for state in (self.cache.k, self.cache.v, self.length, self.root, self.seed, self.threshold, self.hidden,
                       self.drafts):
-            torch._dynamo.mark_static_address(state)  # CUDA graphs write into them in place
+            torch._dynamo.mark_static_address(state)
 
     def draft(self):
         """Draft logits of heads 1..max_depth from the last accepted hidden state and root: (K, D)."""
@@ -550,15 +545,13 @@ def check_request(model, prompt, max_new_tokens, tree, max_len):
 
 def generate(model, prompt_ids, max_new_tokens, heads=None, tree=None, gate_threshold=float("inf"), eos_id=None,
              gate_on="backbone", temperature=0.0, top_k=0, top_p=1.0, seed=0, trace=False):
-    """Decode one prompt: (new token ids, Stats). Without heads: plain AR.
+    """Decode one prompt: (new token ids, EOS included when hit; Stats). Without heads: plain AR.
 
-    With heads, before each step the gate reads an entropy (`gate_on`: "backbone", the next-token
-    distribution; "head1", head 1's): below `gate_threshold` a tree step, else an AR step (0 = always
-    AR, inf = always a tree). temperature 0 is greedy; otherwise tokens are sampled from the
-    distribution warped by temperature, top_k and top_p, and the draw at each position depends only
-    on (seed, position). Either way the ids are those of AR decoding, whatever the heads, tree and
-    gate (in float32). To decode many prompts, or compiled, build a Decoder once and call its generate.
-    """
+    With heads the gate reads an entropy before each step (`gate_on`: "backbone", the next-token
+    distribution, or "head1", head 1's): below `gate_threshold` a tree step, else an AR step (0 = always
+    AR, inf = always a tree). temperature 0 is greedy, else sampling from the distribution warped by
+    temperature, top_k, top_p, the draw at each position depending only on (seed, position). The ids are
+    AR's whatever the heads, tree and gate (in float32). For many prompts, or compiled: a Decoder."""
     tree_slots = tree.n_nodes if tree is not None else heads.n_heads + 1 if heads is not None else 1
     decoder = Decoder(model, heads, tree, gate_on, Sampling(temperature, top_k, top_p),
                       max_len=len(prompt_ids) + max(max_new_tokens, 1) + tree_slots)
