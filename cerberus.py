@@ -98,18 +98,16 @@ class MedusaHeads(DraftHeads):
 
 
 class CerberusHeads(DraftHeads):
-    """Heads with the sequential-knowledge link inside.
+    """Heads with the sequential-knowledge link inside; zero init makes every head start as h itself.
 
     stage 1:  z_k = h, then n_layers Medusa blocks z_k = z_k + SiLU(W_k z_k)   (our reading: one)
     stage 2:  s_k = z_k + SiLU(A_k [z_k ; x_{k-1}])      head k also sees what head k-1 did
-    Zero init makes every head start as h itself. What x_{k-1} is, is the `link`:
-      "hidden" (our reading of the paper): x_{k-1} = z_{k-1}, what head k-1 computed; x_0 = h.
-               All heads in one batched pass.
-      "token"  (a variant, measured better): x_{k-1} = p e, e the lm_head row of head k-1's top-1
-               draft (what head k-1 decided) and p its probability (how sure it was); x_0 = the
-               root's row. Heads run one after another (each needs its predecessor's argmax),
-               but it is still one pass over the heads, with no backbone forward in between,
-               unlike Hydra's heads, which read the tree's tokens.
+    What x_{k-1} is, is the `link`:
+      "hidden" (our reading of the paper): x_{k-1} = z_{k-1}, what head k-1 computed; x_0 = h. All
+               heads in one batched pass.
+      "token"  (a variant, measured better): x_{k-1} = p e, e the lm_head row of head k-1's top-1 draft
+               and p its probability (how sure it was); x_0 = the root's row. Heads run one after
+               another, still with no backbone forward in between (Hydra's heads read the tree's tokens).
     """
 
     def __init__(self, config, n_heads=4, n_layers=1, reads_root=False, link="hidden"):
@@ -174,10 +172,8 @@ def entropy(logits):
 # ----------------------------------------------------------------------------------------------
 # Trees. Node 0 is the root: the token the backbone already chose. Node i > 0 at depth d takes the
 # rank[i]-th candidate of head d. `parents` is in topological order (parent index < node index);
-# depth, rank and the ancestor matrix are derived from it once.
-
-# Assumed chance that head d's rank-r candidate is right (rows: heads 1..4). Only shapes the presets;
-# train.py measures the real table and Tree.best builds a tree from it.
+# depth, rank and the ancestor matrix are derived from it once. DEFAULT_ACCURACY: an assumed chance
+# that head d's rank-r candidate is right, which only shapes the presets (training measures the real one).
 DEFAULT_ACCURACY = [
     [0.45, 0.12, 0.06, 0.04, 0.03, 0.02, 0.015, 0.01, 0.01, 0.01],
     [0.30, 0.10, 0.05, 0.03, 0.02, 0.015, 0.01, 0.01, 0.01, 0.01],
@@ -187,10 +183,9 @@ DEFAULT_ACCURACY = [
 
 
 class Tree(nn.Module):
-    """A token tree's fixed structure, as buffers on the decode step's device:
-    parents, depth, rank (N,); ancestors (N, N) bool, ancestors[i, j] = node j is on root..i;
-    path (N, max_depth + 1): the nodes root..i in order, padded with i, so that keeping an accepted
-    path always moves max_depth + 1 slots, a fixed shape. on_path[i]: the same, unpadded, for the host."""
+    """A token tree's structure, as buffers on the decode step's device: parents, depth, rank (N,);
+    ancestors (N, N) bool, [i, j] = node j is on root..i; path (N, max_depth + 1), the nodes root..i padded
+    with i, so that keeping a path always moves max_depth + 1 slots; on_path[i], unpadded, for the host."""
 
     def __init__(self, paths):
         """paths: Medusa-style rank tuples, e.g. [(0,), (1,), (0, 0)]: (0, 0) is head 1's top
@@ -406,9 +401,8 @@ class Decoder(nn.Module):
         return head_logits(self.heads, self.draft_weight, self.hidden[None], self.tree.max_depth, root_vec)[:, 0]
 
     def settle(self, logits, hidden, position):
-        """After a prefill or a step: the next root drawn from logits (1, V) at position (1,), the
-        hidden state (1, C) kept, and the gate for the next step: its choice, (1,) long, 1 = a tree
-        step, and the entropy it read, (1,)."""
+        """After a prefill or a step: the next root drawn from logits (1, V) at position (1,), hidden (1, C)
+        kept, and the gate for the next step: its choice (1,) long, 1 = a tree step; the entropy it read."""
         self.root.copy_(choose(logits, position, self.seed, self.sampling))
         self.hidden.copy_(hidden[0])
         if self.heads is None:
@@ -419,10 +413,9 @@ class Decoder(nn.Module):
         return (signal < self.threshold).long(), signal
 
     def step(self, parallel):
-        """One decode step: a tree step (parallel=True) or an AR step. Advances the state in place and
-        returns (3 + N,) long: the number of new tokens, the accepted node, the gate's choice for the
-        next step, then the N node tokens (the new tokens are the accepted node's path); and the
-        entropy the gate read, (1,)."""
+        """One decode step, a tree step (parallel=True) or an AR step, advancing the state in place. Returns
+        (3 + N,) long: the number of new tokens, the accepted node, the gate's choice for the next step,
+        the N node tokens (the new tokens are the accepted node's path); and the entropy the gate read."""
         tree = self.tree if parallel else self.root_only
         L = self.length  # (1,) committed tokens
         tokens = self.root.clone()  # (1,): settle overwrites the root below
@@ -497,19 +490,13 @@ class Stats:
         if parallel:
             self.accept_lengths.append(accepted)
 
-    @property
-    def tokens_per_step(self):
-        """tau: tokens emitted per backbone forward, the backbone's own token included (AR = 1)."""
-        return self.new_tokens / max(self.steps, 1)
-
-    @property
-    def accept_histogram(self):
-        return dict(sorted(Counter(self.accept_lengths).items()))
+    # tau: tokens per backbone forward, the backbone's own included (AR = 1); drafts accepted -> steps
+    tokens_per_step = property(lambda self: self.new_tokens / max(self.steps, 1))
+    accept_histogram = property(lambda self: dict(sorted(Counter(self.accept_lengths).items())))
 
 
 def check_parts(model, heads, tree, gate_on):
-    """A tree without heads, heads built for another backbone or too few for the tree, an unknown gate:
-    a ValueError that says so."""
+    """A ValueError for a tree without heads, heads of another backbone or too few, an unknown gate."""
     cfg = model.config
     if gate_on not in ("backbone", "head1"):
         raise ValueError(f"unknown gate_on {gate_on!r}: use 'backbone' (next-token entropy) or 'head1'")
