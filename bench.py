@@ -94,8 +94,7 @@ def parse_tree(spec):
 def recalibrate(head_sets, costs, lm_weight, tree=None):
     """Re-choose each head set's tree and gate (signal, threshold) for the step costs measured here, from the
     held-out entropies and target ranks in its checkpoint: a tree that pays on one device may lose on another.
-    With `tree` only the gate is chosen; with costs=None, or without that data, the stored gate stays.
-    Returns new head sets (the checkpoints given are left as they were); prints each one's gate."""
+    With `tree` only the gate is chosen; without costs or that data the stored gate stays. Returns new head sets."""
     out = {}
     for name, (heads, ckpt) in head_sets.items():
         where = "as stored"
@@ -120,7 +119,7 @@ def recalibrate(head_sets, costs, lm_weight, tree=None):
 def arm_settings(arms, cfg, model, head_sets, eos_id, max_len):
     """{arm: (Decoder, its generate() keyword arguments)}. Only the cerberus arm gates; the others always go
     parallel. Arms with the same heads, tree and gate signal share a Decoder (its cache and compiled steps)."""
-    decoders, settings = {}, {}
+    decoders, settings, sampling = {}, {}, Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     for arm in arms:
         options, threshold = {}, math.inf  # ar: no heads; medusa and cerberus_nogate: a parallel step every time
         if arm != "ar":
@@ -135,7 +134,6 @@ def arm_settings(arms, cfg, model, head_sets, eos_id, max_len):
                            gate_on=cfg.gate_on or gate.get("gate_on", "backbone"))
         key = (HEAD_SET.get(arm), options.get("tree") and tuple(options["tree"].paths), options.get("gate_on"))
         if key not in decoders:
-            sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
             decoders[key] = Decoder(model, **options, sampling=sampling, max_len=max_len)
         settings[arm] = (decoders[key], dict(max_new_tokens=cfg.max_new_tokens, gate_threshold=threshold,
                                              eos_id=eos_id, seed=cfg.seed))
@@ -150,8 +148,7 @@ Generation = namedtuple("Generation", "ids stats seconds")
 
 def prefill_seconds(model, ids):
     """Time of what every generate() call does before decoding: one forward over the prompt, into a cache."""
-    prompt = torch.tensor([ids], device=model.embed.weight.device)
-    return timed(lambda: model(prompt, cache_for(model, len(ids))))[1]
+    return timed(lambda: model(torch.tensor([ids], device=model.embed.weight.device), cache_for(model, len(ids))))[1]
 
 
 def run_arms(model, prompts, settings):
@@ -185,8 +182,7 @@ def report(rounds, prompts, prefill):
         median = statistics.median(per_round)
         out[arm] = {"tok_s": new_tokens / decode if decode > 0 else math.nan, "speedup": median,
                     "speedup_rounds": per_round, "speedup_spread": (max(per_round) - min(per_round)) / median,
-                    "tau": new_tokens / max(steps, 1),
-                    "ms_per_step": 1e3 * decode / max(steps, 1) if decode > 0 else math.nan,
+                    "tau": new_tokens / max(steps, 1), "ms_per_step": 1e3 * decode / steps if decode > 0 else math.nan,
                     "match_rate": sum(a == b for g, ref in zip(gens, ar) for a, b in zip(g.ids, ref.ids))
                     / max(sum(len(g.ids) for g in ar), 1),
                     "ar_fraction": sum(s.ar_steps for s in stats) / max(steps, 1),
@@ -276,8 +272,7 @@ def print_tables(results, settings, accuracy, accuracy_by_category):
               f"{r['ms_per_step']:7.2f} {r['match_rate']:6.3f} {r['ar_fraction']:7.3f} {zero:>8} "
               f" {r['accept_histogram']}")
     for arm in [arm for arm, r in results.items() if "same_as" in r]:
-        print(f"{arm} is {results[arm]['same_as']} here: the gate threshold is inf, so the gate never chooses AR and "
-              "the two arms are one computation, timed once")
+        print(f"{arm} is {results[arm]['same_as']} here: with threshold inf the two arms are one computation, timed once")
     others = [arm for arm in results if arm != "ar"]
     print(f"speedup vs ar by category:\n  {'category':<14}" + "".join(f"{arm:>17}" for arm in others))
     for category in results["ar"]["by_category"]:
@@ -321,7 +316,8 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
 
     conditions = {"device": device_name(device), "dtype": cfg.dtype, "compile": cfg.compile,
                   "tree": cfg.tree or "calibrated", "n_prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens,
-                  "repeat": cfg.repeat}
+                  "repeat": cfg.repeat, "sampling": f"temperature {cfg.temperature} top_k {cfg.top_k} top_p {cfg.top_p} "
+                                                    f"seed {cfg.seed}" if cfg.temperature > 0 else "greedy"}
     print(f"bench | {' | '.join(f'{k} {v}' for k, v in conditions.items())} | drafts {cfg.draft_dtype} | prompts "
           f"{cfg.prompts or 'data/bench_prompts.jsonl'} | torch {torch.__version__} | load avg {load_before:.2f}")
     setup_start = time.perf_counter()  # with --compile, compiling happens in the first calls below
@@ -334,7 +330,8 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
     # Threshold inf: cerberus_nogate would repeat cerberus step for step; timing it twice would measure only noise.
     twins = {"cerberus", "cerberus_nogate"} <= settings.keys() and settings["cerberus"][1]["gate_threshold"] == math.inf
     timed_settings = {arm: s for arm, s in settings.items() if not (twins and arm == "cerberus_nogate")}
-    if cfg.compile:  # one graph per step kind; on CUDA replayed as a CUDA graph
+    if cfg.compile:  # one graph per step kind; on CUDA replayed as a CUDA graph. torch's counters from zero:
+        counters.clear()
         for decoder in {id(d): d for d, _ in settings.values()}.values():
             decoder.compile("reduce-overhead" if device.type == "cuda" else "default")
     warm = {arm: timed(lambda: [decoder.generate(prompts[0]["ids"], **dict(kwargs, gate_threshold=t, max_new_tokens=8))
@@ -345,11 +342,15 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
     compiled_graphs = counters["stats"]["unique_graphs"]
     print(f"step costs, calibration and warm-up took {setup_s:.1f} s{', compiling included' if cfg.compile else ''}; "
           f"prefill (subtracted for decode tok/s) {1e3 * statistics.mean(prefill):.1f} ms a prompt")
+    if cfg.temperature > 0:
+        print("sampling: each draw depends only on (seed, position), so in float32 every arm matches AR by construction")
     rounds = [run_arms(model, prompts, timed_settings) for _ in range(cfg.repeat)]
     load_after = os.getloadavg()[0]
     compile_stats = dict(graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()),
                          recompiles=counters["stats"]["unique_graphs"] - compiled_graphs,  # new graphs while timed
-                         cudagraph_skips=counters["inductor"]["cudagraph_skips"]) if cfg.compile else None
+                         cudagraph_skips=counters["inductor"]["cudagraph_skips"] if device.type == "cuda" else None
+                         ) if cfg.compile else None
+    print(f"compiled steps: {compile_stats}" if compile_stats else "eager steps (--compile: one graph a step)")
     results = report(rounds, prompts, prefill)
     if twins:
         results["cerberus_nogate"] = dict(results["cerberus"], same_as="cerberus")
@@ -366,8 +367,7 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
     summary = dict(conditions, setup_s=round(setup_s, 1), load_before=load_before, load_after=load_after,
                    noise_warnings=warnings, arms={arm: dict(r, warmup_s=warm[arm]) for arm, r in results.items()},
                    head_accuracy=heads_seen, head_accuracy_by_category=heads_by_category, roofline=roof,
-                   compile_stats=compile_stats,
-                   sampling={k: getattr(cfg, k) for k in ("temperature", "top_k", "top_p", "seed")})
+                   compile_stats=compile_stats)
     print(json.dumps(summary))  # last line of stdout
     return summary
 

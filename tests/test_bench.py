@@ -130,18 +130,29 @@ def test_an_ungated_cerberus_arm_is_not_timed_twice(tiny, capsys, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit internals that inductor imports
-def test_compiled_arms_reproduce_ar(tiny):
-    """--compile: compiled decode steps on one static cache shared by the step-cost curve and every
-    arm, and compiled heads (token-linked here, whose loop over heads compiling shortens most); the
-    tokens stay AR's. (That compiled heads draft what eager ones do: tests/test_cerberus.py.)"""
+def test_compiled_arms_reproduce_ar_and_report_one_graph_per_step_kind(tiny):
+    """--compile: each decoder's step compiled whole (token-linked heads here, the kind with a loop);
+    the tokens stay AR's, compile_stats come from torch's counters: one graph for AR's decoder and one
+    per step kind for Cerberus's, no break, nothing compiled while timed."""
     model, tokenizer, head_sets, prompts = tiny
     token_linked = perturb(CerberusHeads(CONFIG, n_heads=3, link="token"), 2)
     head_sets = dict(head_sets, cerberus=(token_linked, head_sets["cerberus"][1]))
-    cfg = BenchConfig(prompts=prompts, max_new_tokens=12, draft_dtype="float32", compile=True,
-                      arms="ar,cerberus")
+    cfg = BenchConfig(prompts=prompts, max_new_tokens=12, draft_dtype="float32", compile=True, arms="ar,cerberus")
     summary = bench.bench(cfg, model, tokenizer, head_sets)
     assert summary["compile"] is True
     assert all(r["match_rate"] == 1.0 for r in summary["arms"].values())
+    assert summary["compile_stats"] == {"graphs": 3, "graph_breaks": 0, "recompiles": 0, "cudagraph_skips": None}
+
+
+def test_sampled_arms_draw_ar_samplings_tokens(tiny, capsys):
+    """--temperature: every arm samples with the same seed, so each matches AR (by construction, and the
+    benchmark says so); the header names the sampling rule."""
+    model, tokenizer, head_sets, prompts = tiny
+    cfg = BenchConfig(prompts=prompts, max_new_tokens=12, draft_dtype="float32", temperature=0.8, top_p=0.9, seed=3)
+    summary = bench.bench(cfg, model, tokenizer, head_sets)
+    assert all(r["match_rate"] == 1.0 for r in summary["arms"].values())
+    assert summary["sampling"] == "temperature 0.8 top_k 0 top_p 0.9 seed 3" and summary["compile_stats"] is None
+    assert "matches AR by construction" in capsys.readouterr().out
 
 
 def test_roofline_counts_each_weight_once_and_knows_the_cards():
