@@ -12,6 +12,8 @@ The output is token for token AR's, greedy or sampled with the same seed: drafts
     python cerberus.py "your question"    # the answer, drafted tokens marked, tau and speed against AR
 """
 import os
+import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -19,14 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import KVCache, linear
+from model import KVCache, chat_prompt, linear, load_smollm2
 
 
-# ----------------------------------------------------------------------------------------------
-# Heads. Head k (k = 1..K) guesses the token k steps after the backbone's own next token, from the
-# backbone's last hidden state h (and, in the reads_root variant, from that next token too). Both
-# kinds run their blocks for all heads in one batched matmul over stacked weights and share the
-# backbone's lm_head, so they only add small C x C matrices. A head set maps h to draft logits.
+# Heads. Head k (k = 1..K) guesses the token k steps after the backbone's own next token from its last hidden
+# state h. Both kinds run all heads' blocks in one batched matmul over stacked weights and share the backbone's
+# lm_head, so they only add small C x C matrices. A head set maps h to draft logits.
 
 def residual_blocks(z, weight, bias):
     """Each head's stack of Medusa blocks z_k <- z_k + SiLU(W_k z_k + b_k), all heads in one batched
@@ -37,10 +37,9 @@ def residual_blocks(z, weight, bias):
 
 
 class DraftHeads(nn.Module):
-    """What Medusa and Cerberus heads share: their sizes, their spec (stored in checkpoints), their
-    draft vocabulary (optional) and the input state of every head. With reads_root=True (a variant,
-    not in either paper) that state also reads the backbone's own next token, known before any head
-    runs: h + SiLU(P [h ; e] + b), e being that token's lm_head row. Zero init: it starts as h."""
+    """What Medusa and Cerberus heads share: sizes, spec (stored in checkpoints), an optional draft vocabulary
+    and every head's input state. With reads_root=True (a variant, in neither paper) that state also reads the
+    backbone's own next token, known before any head runs: h + SiLU(P [h ; e] + b), e its lm_head row."""
 
     def __init__(self, config, kind, n_heads, n_layers, reads_root):
         super().__init__()
@@ -78,7 +77,9 @@ class DraftHeads(nn.Module):
         if self.needs_root and root_vec is None:
             raise ValueError("these heads read the root token (reads_root=True or link='token'): pass root_vec, the "
                              "lm_head row of the backbone's next token (head_logits(..., root_vec=lm_weight[ids]))")
-        return h if self.root_weight is None else h + F.silu(torch.cat([h, root_vec.reshape(h.shape)], -1) @ self.root_weight.mT + self.root_bias)
+        if self.root_weight is None:
+            return h
+        return h + F.silu(torch.cat([h, root_vec.reshape(h.shape)], -1) @ self.root_weight.mT + self.root_bias)
 
 
 class MedusaHeads(DraftHeads):
@@ -154,10 +155,9 @@ def parameter_count(module):
 def head_logits(heads, draft_weight, hidden, n, root_vec=None):
     """Draft logits of the first n heads through the shared lm_head: hidden (..., C) -> (n, ..., D).
 
-    draft_weight: heads.draft_weight(lm_head weight), (D, C); logit j scores token heads.vocab[j] (token j
-    without a draft vocabulary). root_vec (..., C): the lm_head row of the backbone's own next token (a
-    tree's root), read by reads_root and token-linked heads. The heads' dtype may be cheaper than the
-    backbone's (bfloat16): drafts never change the output."""
+    draft_weight: heads.draft_weight(lm_head weight), (D, C); logit j scores token heads.vocab[j] (j without a
+    draft vocabulary). root_vec (..., C): the lm_head row of the backbone's own next token (a tree's root), read
+    by reads_root and token-linked heads. The heads may compute in a cheaper dtype: drafts never change the output."""
     dtype = next(heads.parameters()).dtype
     logits = heads(hidden.to(dtype), draft_weight, n, None if root_vec is None else root_vec.to(dtype))  # (n, M, D)
     return logits.reshape(n, *hidden.shape[:-1], -1)
@@ -169,7 +169,6 @@ def entropy(logits):
     return -(logp.exp() * logp).sum(-1)
 
 
-# ----------------------------------------------------------------------------------------------
 # Trees. Node 0 is the root: the token the backbone already chose. Node i > 0 at depth d takes the
 # rank[i]-th candidate of head d. `parents` is in topological order (parent index < node index);
 # depth, rank and the ancestor matrix are derived from it once. DEFAULT_ACCURACY: an assumed chance
@@ -188,8 +187,8 @@ class Tree(nn.Module):
     with i, so that keeping a path always moves max_depth + 1 slots; on_path[i], unpadded, for the host."""
 
     def __init__(self, paths):
-        """paths: Medusa-style rank tuples, e.g. [(0,), (1,), (0, 0)]: (0, 0) is head 1's top
-        candidate followed by head 2's top candidate. Every prefix of a path must be a path too."""
+        """paths: Medusa-style rank tuples, [(0,), (1,), (0, 0)]: (0, 0) is head 1's top candidate, then head
+        2's top candidate. Every prefix of a path must be a path too."""
         super().__init__()
         paths = sorted(set(map(tuple, paths)), key=lambda p: (len(p), p))
         index = {(): 0}
@@ -264,18 +263,15 @@ def propose(drafts, root, tree, vocab=None):
 
 
 def verify(tokens, target, tree):
-    """tokens (N,) drafted; target (N,) the backbone's own token after each node (its argmax, or its
-    sampled draw). A node is correct if its token is the backbone's choice after its parent. Returns
-    the deepest node whose whole path root..node is correct, (1,): a fixed shape, no host read."""
+    """tokens (N,) drafted; target (N,) the backbone's own token after each node (argmax or seeded draw). A node
+    is correct if its token is target at its parent: the deepest node whose whole path is correct, (1,)."""
     correct = (tokens == target[tree.parents]) | (tree.depth == 0)  # the root (parent -1) is the backbone's own
     all_correct = ~(tree.ancestors & ~correct).any(-1)  # (N,)
     return torch.argmax(tree.depth * all_correct, dim=0, keepdim=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# Sampling. The token at absolute position t is drawn by inverse CDF with one uniform number that
-# depends only on (seed, t). Every tree node draws the backbone's own token that way; a tree step then
-# accepts exactly the drafts AR sampling would have drawn, and its draws are AR's draws.
+# Sampling. The token at position t is drawn by inverse CDF with one uniform that depends only on (seed, t).
+# Every tree node draws the backbone's own token so; a tree step then accepts exactly the drafts AR would draw.
 
 @dataclass(frozen=True)
 class Sampling:
@@ -293,9 +289,8 @@ class Sampling:
 
 
 def warp(logits, sampling):
-    """(N, V) logits -> (N, V) unnormalised probabilities: divide by the temperature, keep the top_k
-    most likely, then the fewest of those whose share of their mass reaches top_p (the token that
-    crosses top_p is kept); 0 elsewhere."""
+    """(N, V) logits -> (N, V) unnormalised probabilities: divide by the temperature, keep the top_k most likely,
+    then the fewest of those whose share of their mass reaches top_p (the one crossing it kept); 0 elsewhere."""
     p = (logits.float() / sampling.temperature).softmax(-1)
     if sampling.top_k == 0 and sampling.top_p == 1:
         return p
@@ -317,9 +312,8 @@ def uniform(seed, position):
 
 
 def choose(logits, position, seed, sampling):
-    """The backbone's token after each row of logits (N, V), the token landing at `position` (N,):
-    its argmax when greedy, else a draw from the warped distribution. The CDF runs in token-id order,
-    a fixed order: a re-ranking of near-tied tokens by rounding cannot move the draw."""
+    """The backbone's token after each row of logits (N, V), landing at `position` (N,): the argmax, or a draw
+    from the warped distribution by its CDF in token-id order, where rounding cannot reorder near-ties."""
     if sampling.temperature == 0:
         return logits.argmax(-1)
     cdf = warp(logits, sampling).cumsum(-1)  # (N, V)
@@ -327,7 +321,6 @@ def choose(logits, position, seed, sampling):
     return torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)
 
 
-# ----------------------------------------------------------------------------------------------
 # Checkpoints: atomic writes, configs included, refuse the wrong backbone.
 
 def write_atomically(path, write):
@@ -365,16 +358,14 @@ def load_heads(path, model):
     return heads.to(model.embed.weight.device), ckpt
 
 
-# ----------------------------------------------------------------------------------------------
-# The decode step and the loop. What a step reads and advances (the KV cache, its length, the root
-# token, the last hidden state) lives on the device at fixed addresses, and every shape is fixed by
-# the tree, so torch.compile captures a whole step, draft -> propose -> forward -> verify -> keep ->
-# gate, as one graph (one CUDA graph on a GPU). The host reads one small tensor per step.
+# The decode step and the loop. What a step reads and advances (KV cache, its length, root token, last hidden
+# state) lives on the device at fixed addresses and every shape is fixed by the tree, so torch.compile captures a
+# whole step, draft -> propose -> forward -> verify -> keep -> gate, as one graph (on a GPU one CUDA graph).
 
 class Decoder(nn.Module):
-    """Decodes with one backbone, head set, tree, gate signal and sampling rule, into its own KV cache
-    of max_len slots; reused across prompts, its shapes (and compiled graphs) never change. Without
-    heads every step is an AR step. An AR step is the same step as a tree step, on the root-only tree."""
+    """Decodes with one backbone, head set, tree, gate signal and sampling rule into its own KV cache of max_len
+    slots: reused across prompts, its shapes (and compiled graphs) never change. An AR step is a tree step on
+    the root-only tree; without heads every step is one."""
 
     def __init__(self, model, heads=None, tree=None, gate_on="backbone", sampling=Sampling(), max_len=1024):
         super().__init__()
@@ -395,9 +386,8 @@ class Decoder(nn.Module):
                       self.drafts):
             torch._dynamo.mark_static_address(state)
 
-    def draft(self):
-        """Draft logits of heads 1..max_depth from the last accepted hidden state and root: (K, D)."""
-        root_vec = self.model.lm_head.weight[self.root]  # (1, C): heads that read the root need its row
+    def draft(self):  # (K, D) draft logits of heads 1..max_depth from the last hidden state and root (its row)
+        root_vec = self.model.lm_head.weight[self.root]  # (1, C)
         return head_logits(self.heads, self.draft_weight, self.hidden[None], self.tree.max_depth, root_vec)[:, 0]
 
     def settle(self, logits, hidden, position):
@@ -502,12 +492,10 @@ def check_parts(model, heads, tree, gate_on):
         raise ValueError(f"unknown gate_on {gate_on!r}: use 'backbone' (next-token entropy) or 'head1'")
     if tree is not None and heads is None:
         raise ValueError("a tree needs draft heads: pass heads=... or drop tree=")
-    if heads is None:
-        return
-    if (heads.n_embd, heads.vocab_size) != (cfg.n_embd, cfg.vocab_size):
+    if heads is not None and (heads.n_embd, heads.vocab_size) != (cfg.n_embd, cfg.vocab_size):
         raise ValueError(f"heads were built for width {heads.n_embd} / vocab {heads.vocab_size}, but the "
                          f"model has {cfg.n_embd} / {cfg.vocab_size}: train heads for this model")
-    if tree.max_depth > heads.n_heads:
+    if heads is not None and tree.max_depth > heads.n_heads:
         raise ValueError(f"tree depth {tree.max_depth} needs {tree.max_depth} heads, but only "
                          f"{heads.n_heads} are given: use a shallower tree or more heads")
 
@@ -548,9 +536,6 @@ def generate(model, prompt_ids, max_new_tokens, heads=None, tree=None, gate_thre
 def main(argv):
     """python cerberus.py "your question": SmolLM2's answer with the shipped Cerberus heads, the tokens
     from accepted drafts marked, then tau and decode speed against plain AR on the same prompt."""
-    import sys
-    import time
-    from model import chat_prompt, load_smollm2
     model, tokenizer = load_smollm2()
     heads, ckpt = load_heads(os.path.join(os.path.dirname(os.path.abspath(__file__)), "heads", "cerberus.pt"), model)
     prompt, gate = chat_prompt(tokenizer, " ".join(argv) or "What makes a good cup of coffee?"), ckpt["gate"]
@@ -571,5 +556,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    import sys
     main(sys.argv[1:])
