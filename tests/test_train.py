@@ -325,22 +325,6 @@ def test_target_ranks_count_a_token_outside_the_draft_vocabulary_as_a_miss():
     assert ranks[0, 0] <= 2 and ranks[0, 0] <= whole[0, 0]  # ranked among the 3 drafted tokens only
 
 
-def test_checkpoint_from_before_deeper_cerberus_heads_loads(tmp_path):
-    """Cerberus checkpoints saved before stage 1 could have several blocks (spec without n_layers,
-    w1 of shape (K, C, C)) load into the same one-block heads (the heads shipped until the root-reading
-    variant replaced them are such checkpoints, and so are runs/ of that time)."""
-    model, heads = tiny_gpt(), perturb(CerberusHeads(TINY, n_heads=3), 0)
-    path = str(tmp_path / "old.pt")
-    save_heads(path, heads, model, {})
-    old = torch.load(path, weights_only=True)
-    old["spec"].pop("n_layers")
-    old["state_dict"]["w1"], old["state_dict"]["b1"] = old["state_dict"]["w1"][0], old["state_dict"]["b1"][0]
-    torch.save(old, path)
-    loaded, _ = load_heads(path, model)
-    hidden, lm_weight = torch.randn(5, TINY.n_embd), model.lm_head.weight
-    torch.testing.assert_close(loaded(hidden, lm_weight, 3), heads.half().float()(hidden, lm_weight, 3))
-
-
 def test_cli_help_lists_every_flag_with_its_default_and_comment(capsys):
     with pytest.raises(SystemExit) as exit_:
         parse_cli(TrainConfig, ["--recipe=full", "--help"])
