@@ -412,9 +412,9 @@ plt.show()
 """)
 
 md("s3", r"""
-**Why deeper heads guess worse.** Head 1 names the token right after a token it is given; head 4 must name a
-token three positions further, without seeing the two tokens in between. Every way those could go is a way
-the fourth could differ, so the chance spreads over more candidates: deeper heads are right less often at
+**Why deeper heads guess worse.** Head 1 names the token right after a token it is given; head 4 must name
+the fourth token after it, without seeing the three in between. Every way those could go is a way the fourth
+could differ, so the chance spreads over more candidates: deeper heads are right less often at
 rank 0, and their right answers sit lower in their lists. The checkpoint's calibration, over tens of thousands
 of held-out positions, shows both, and shows too that every head fails more where the backbone itself is unsure
 (high entropy), which is what the gate exploits.
@@ -658,8 +658,9 @@ s = knob(temperature=1.0)  # exercise 4
 """)
 
 md("s6", r"""
-**Your own heads.** The shipped heads took a long training run; quick ones train on the 2-core CPU in minutes
-(this is not run here). From the repository's root:
+**Your own heads** (not run here). Heads learn from the backbone's own answers, so those come first; they
+are written in resumable shards, slow on a CPU (`data/README.md`). The quick recipe then trains on the first
+shard only. From the repository's root:
 
 ```bash
 python data/generate_answers.py   # the backbone's answers to the training prompts, resumable shards
