@@ -343,7 +343,7 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
     print(f"step costs, calibration and warm-up took {setup_s:.1f} s{', compiling included' if cfg.compile else ''}; "
           f"prefill (subtracted for decode tok/s) {1e3 * statistics.mean(prefill):.1f} ms a prompt")
     if cfg.temperature > 0:
-        print("sampling: each draw depends only on (seed, position), so in float32 every arm matches AR by construction")
+        print("sampling: draws keyed by (seed, position): every arm draws AR's tokens, up to rounding at CDF boundaries")
     rounds = [run_arms(model, prompts, timed_settings) for _ in range(cfg.repeat)]
     load_after = os.getloadavg()[0]
     compile_stats = dict(graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()),

@@ -270,7 +270,7 @@ def verify(tokens, target, tree):
     return torch.argmax(tree.depth * all_correct, dim=0, keepdim=True)
 
 
-# Sampling. The token at position t is drawn by inverse CDF with one uniform that depends only on (seed, t).
+# Sampling. The token at position t is drawn by the Gumbel-max trick with noise that depends only on (seed, t).
 # Every tree node draws the backbone's own token so; a tree step then accepts exactly the drafts AR would draw.
 
 @dataclass(frozen=True)
@@ -300,25 +300,25 @@ def warp(logits, sampling):
     return torch.zeros_like(p).scatter(-1, ids, top)
 
 
-def uniform(seed, position):
-    """(N,) numbers in [0, 1) that depend only on (seed, position): a 32-bit integer hash of both, so
-    the device computes them inside the step with no generator state. seed (1,), position (N,)."""
+def uniform(seed, position, n):
+    """(N, n) numbers in (0, 1) that depend only on (seed, position, column): a 32-bit integer hash of the
+    three, so the device computes them inside the step with no generator state. seed (1,), position (N,)."""
     def mix(x):  # multipliers < 2**27 keep every product of 32-bit values inside int64
         for _ in range(3):
             x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
         return x
-    bits = mix(mix(seed & 0xFFFFFFFF) ^ position)
-    return (bits >> 8).float() / 2 ** 24  # 24 bits: exact in float32
+    bits = mix(mix(mix(seed & 0xFFFFFFFF) ^ position)[:, None] ^ torch.arange(n, device=position.device))
+    return ((bits >> 8).float() + 0.5) / 2 ** 24  # 24 bits, exact in float32, never 0 or 1
 
 
 def choose(logits, position, seed, sampling):
     """The backbone's token after each row of logits (N, V), landing at `position` (N,): the argmax, or a draw
-    from the warped distribution by its CDF in token-id order, where rounding cannot reorder near-ties."""
+    from the warped distribution, argmax(log p + Gumbel noise). Rounding that differs between a 1-token and
+    an N-token forward moves the draw only if the top two noisy scores lie that close."""
     if sampling.temperature == 0:
         return logits.argmax(-1)
-    cdf = warp(logits, sampling).cumsum(-1)  # (N, V)
-    u = uniform(seed, position) * cdf[:, -1]  # (N,) in [0, total mass)
-    return torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)
+    gumbel = -torch.log(-torch.log(uniform(seed, position, logits.shape[-1])))  # (N, V)
+    return (warp(logits, sampling).log() + gumbel).argmax(-1)
 
 
 # Checkpoints: atomic writes, configs included, refuse the wrong backbone.

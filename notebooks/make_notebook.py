@@ -510,7 +510,7 @@ def cost_at(curve, n):  # linear between the measured sizes
 
 curves = {"this CPU (measured above)": here,
           "the training run's CPU (checkpoint)": {int(T): s for T, s in ckpt["gate"]["step_costs"].items()},
-          "H200 GPU, CUDA graphs (DESIGN.md)": {1: 2.08e-3, 64: 2.33e-3}}
+          "H200, network as a CUDA graph (results/gpu_h200/)": {1: 2.08e-3, 64: 2.33e-3}}
 ns = list(range(1, 65))
 gain = [expected_tokens(Tree.best(acc, n)) for n in ns]
 fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.2))
