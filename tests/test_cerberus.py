@@ -286,3 +286,11 @@ def test_trace_records_each_step():
             assert step["emitted"] == [step["tree"][i] for i in step["path"]][:len(step["emitted"])]
         else:
             assert step["gate"] >= threshold
+
+
+def test_decoding_imports_no_training_or_benchmark_code():
+    """The README's promise: model.py and cerberus.py alone decode with the shipped heads."""
+    import subprocess
+    import sys
+    code = "import sys, cerberus; sys.exit(sorted({'train', 'bench'} & set(sys.modules)) or 0)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=cerberus.__file__.rsplit("/", 1)[0]).returncode == 0
