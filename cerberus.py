@@ -428,6 +428,7 @@ class Decoder(nn.Module):
     def compile(self, mode="default"):
         """torch.compile the step whole, with fixed shapes: one graph per tree (the root-only one too) for
         every prompt; mode="reduce-overhead" replays it as a CUDA graph. The prefill stays eager."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # 2 graphs a Decoder
         self.step = torch.compile(self.step, fullgraph=True, dynamic=False, mode=mode)
         return self
 
