@@ -189,7 +189,8 @@ def shard_data(model, tokenizer, rows, path, cfg):
 
 def get_data(model, tokenizer, cfg):
     """(train, held-out) positions of this rank's answer shards (shard k is rank k % world size's)."""
-    rows = [json.loads(line) for line in pathlib.Path(ROOT, cfg.prompts).read_text().splitlines() if line.strip()]
+    lines = pathlib.Path(ROOT, cfg.prompts).read_text(encoding="utf-8").split("\n")  # splitlines() cuts at U+2028
+    rows = [json.loads(line) for line in lines if line.strip()]
     paths = sorted(p for p in pathlib.Path(ROOT, cfg.answers_dir).glob("*.npz"))[:cfg.n_shards or None]
     if len(paths) < world_size():  # every rank needs a shard of its own
         raise ValueError(f"{len(paths)} answer shards in {cfg.answers_dir}; make them with data/generate_answers.py")

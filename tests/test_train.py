@@ -113,7 +113,7 @@ def test_a_second_turn_follows_the_models_own_first_answer():
 
 
 def write_prompts(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")  # as built
     return str(path)
 
 
@@ -175,6 +175,7 @@ def test_shard_positions_line_up_with_their_targets(tmp_path):
     prompt line, both turns, is held out. A shard of another backbone, or of other prompts, is refused."""
     model, tok = tiny_gpt(config=CHAT), ByteChat()
     rows = prompt_rows(10)
+    rows[3]["prompt"] += "\u2028Real prompts hold line separators."  # str.splitlines() would cut the line there
     prompts = write_prompts(tmp_path / "prompts.jsonl", rows)
     gen.generate_shards(model, tok, rows, answer_config(tmp_path))
     cfg = TrainConfig(prompts=prompts, answers_dir=str(tmp_path / "answers"), out_dir=str(tmp_path / "run"),
