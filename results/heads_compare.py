@@ -1,0 +1,54 @@
+"""Two head directories side by side: per-head top-1 (and head 1's per category) on the backbone's own
+greedy answers (float32, batch 1, as bench.py's AR arm) to MT-Bench's first turns and to the project's
+benchmark prompts. No timing, so the figures do not depend on what else the machine is doing:
+    python results/heads_compare.py runs/heads_2026-11-27 heads      # old directory, then new
+"""
+import json
+import math
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import bench  # noqa: E402
+from cerberus import Decoder, load_heads  # noqa: E402
+from model import load_smollm2  # noqa: E402
+
+PROMPT_SETS = {"MT-Bench": os.path.join(ROOT, "..", "shared", "data", "mt_bench.jsonl"),
+               "project": os.path.join(ROOT, "data", "bench_prompts.jsonl")}
+
+
+@torch.no_grad()
+def main(old_dir, new_dir, max_new_tokens=128):
+    model, tokenizer = load_smollm2()
+    model.eval()
+    eos_id = tokenizer.encode("<|im_end|>", allowed_special="all")[0]
+    lm_weight = model.lm_head.weight.to(torch.bfloat16)  # the benchmark's draft dtype
+    head_sets = {f"{kind} {label}": (heads.to(torch.bfloat16), ckpt)
+                 for label, folder in (("old", old_dir), ("new", new_dir)) for kind in ("medusa", "cerberus")
+                 for heads, ckpt in [load_heads(os.path.join(folder, f"{kind}.pt"), model)]}
+    summary = {}
+    for set_name, path in PROMPT_SETS.items():
+        prompts = bench.load_prompts(path, tokenizer, 0)  # every prompt, first turns
+        decoder = Decoder(model, max_len=max(len(p["ids"]) for p in prompts) + max_new_tokens + 1)
+        answers = [bench.Generation(decoder.generate(p["ids"], max_new_tokens, math.inf, eos_id)[0], None, 0.0)
+                   for p in bench.tqdm(prompts, desc=f"AR answers, {set_name}", unit="prompt")]
+        overall, by_category = bench.head_accuracy(model, head_sets, lm_weight, prompts, answers)
+        summary[set_name] = {"prompts": len(prompts), "positions": sum(len(a.ids) for a in answers),
+                             "overall": overall, "by_category": by_category}
+        print(f"\n{set_name}: {len(prompts)} prompts, {summary[set_name]['positions']} answer positions; top-1")
+        print(f"{'':<12}" + "".join(f"{name:>15}" for name in head_sets))
+        for k in range(1, 5):
+            print(f"{f'head {k}':<12}" + "".join(f"{overall[n][f'head{k}']['top1']:15.3f}" for n in head_sets))
+        print("head 1 by category:")
+        for category in by_category[next(iter(head_sets))]:
+            print(f"  {category:<10}" + "".join(f"{by_category[n][category]['head1']['top1']:15.3f}" for n in head_sets))
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        raise SystemExit(__doc__)
+    main(*sys.argv[1:])
