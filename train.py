@@ -158,6 +158,13 @@ def teacher_forced_states(model, sequences, n_answer, max_tokens=8192):
     return states
 
 
+def read_prompts(path):
+    """The rows of a prompt file, one JSON object a line (a file splits lines at "\n" only; str.splitlines()
+    would also cut at U+2028 and the like, which real prompts hold)."""
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def shard_data(model, tokenizer, rows, path, cfg):
     """A shard's positions {"hidden" (M, C) bf16, "targets" (M, 1 + K), "category", "turn",
     "held_out" (M,)}, recomputed from its answers and cached in out_dir/hidden/."""
@@ -189,8 +196,7 @@ def shard_data(model, tokenizer, rows, path, cfg):
 
 def get_data(model, tokenizer, cfg):
     """(train, held-out) positions of this rank's answer shards (shard k is rank k % world size's)."""
-    lines = pathlib.Path(ROOT, cfg.prompts).read_text(encoding="utf-8").split("\n")  # splitlines() cuts at U+2028
-    rows = [json.loads(line) for line in lines if line.strip()]
+    rows = read_prompts(cfg.prompts)
     paths = sorted(p for p in pathlib.Path(ROOT, cfg.answers_dir).glob("*.npz"))[:cfg.n_shards or None]
     if len(paths) < world_size():  # every rank needs a shard of its own
         raise ValueError(f"{len(paths)} answer shards in {cfg.answers_dir}; make them with data/generate_answers.py")

@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 
 from cerberus import write_atomically  # noqa: E402
 from model import KVCache, load_gguf, load_smollm2  # noqa: E402
-from train import (CATEGORIES, conversation, parse_cli, prompts_hash, rank, read_shard,  # noqa: E402
+from train import (CATEGORIES, conversation, parse_cli, prompts_hash, rank, read_prompts, read_shard,  # noqa: E402
                    setup_distributed, world_size)
 
 SHARD_ROWS = 256  # prompt lines per shard: ~4 min of a 2-core CPU, the most a killed run loses
@@ -84,8 +84,7 @@ def overlaps_benchmark(texts, n=8):
 def load_prompts(path):
     """The rows of a prompt file ({"prompt", "category", "follow_up" (optional), ...} a line),
     refused when a row has an unknown category or any turn overlaps a benchmark prompt."""
-    with open(os.path.join(ROOT, path)) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_prompts(path)
     for row in rows:
         if row.get("category") not in CATEGORIES:
             raise ValueError(f"{path}: category {row.get('category')!r} is not one of {CATEGORIES}; fix the line")
