@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from cerberus import Tree, build_heads, entropy, head_logits, parameter_count, save_heads, write_atomically
+from cerberus import (Tree, build_heads, entropy, head_logits, load_heads, parameter_count, save_heads,
+                      write_atomically)
 from model import cache_for, chat_prompt, linear, load_gguf, load_smollm2
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -57,6 +58,7 @@ class TrainConfig:
     head_decay: float = 0.8  # loss weight of head k is head_decay ** (k - 1)
     draft_vocab: int = 16384  # heads draft over the D tokens the backbone writes most often; 0 = all V
     train_dtype: str = "bfloat16"  # dtype of the shared lm_head in the loss (heads keep float32 weights)
+    init_from: str = ""  # "" = heads start fresh; else a folder (heads/) whose <kind>.pt each head set starts from
     seed: int = 0
 
 
@@ -452,6 +454,16 @@ def head_set_spec(name, n_heads):
                      f"+root, and Cerberus +token")
 
 
+def starting_weights(folder, heads, model):
+    """The weights of the head set in folder/<kind>.pt, to fine-tune from: it must have this head set's spec.
+    Its draft vocabulary is left behind (a buffer, not a weight): the heads draft over this data's."""
+    _, ckpt = load_heads(os.path.join(folder, f"{heads.spec['kind']}.pt"), model)
+    if ckpt["spec"] != heads.spec:
+        raise ValueError(f"{folder}/{heads.spec['kind']}.pt holds heads {ckpt['spec']}, not {heads.spec}: "
+                         f"pass --heads to match them, or leave out --init_from")
+    return {k: v.float() for k, v in ckpt["state_dict"].items() if k != "vocab"}
+
+
 def accuracy_by_category(ranks, held_out):
     """{category: accuracy} over the held-out positions of each task category, and of second turns."""
     groups = {name: held_out["category"] == c for c, name in enumerate(CATEGORIES)}
@@ -487,6 +499,8 @@ def train(cfg):
     costs = step_costs(model, [1, 2, 3, 4, 6, 8, 16, 32, 64]) if rank() == 0 else {}
     for name in cfg.heads.split(","):
         heads = build_heads(model.config, head_set_spec(name, cfg.n_heads)).to(device)
+        if cfg.init_from:
+            heads.load_state_dict(starting_weights(cfg.init_from, heads, model))
         if vocab is not None:
             heads.draft_over(vocab)
         t0 = time.time()

@@ -17,7 +17,7 @@ from conftest import TINY, perturb, tiny_gpt, write_gguf
 from model import GPT, GPTConfig, load_gguf
 from train import (CATEGORIES, IGNORE, NO_TARGET, TrainConfig, accuracy_by_category, calibrate, conversation,
                    draft_classes, draft_vocabulary, get_data, head_set_spec, head_targets, parse_cli, read_shard,
-                   shard_data, target_ranks, teacher_forced_states, train_config, train_heads)
+                   shard_data, starting_weights, target_ranks, teacher_forced_states, train_config, train_heads)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "data"))
@@ -300,6 +300,24 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
         load_heads(path, model)
     with pytest.raises(ValueError, match="no heads checkpoint"):
         load_heads(str(tmp_path / "missing.pt"), model)
+
+
+def test_fine_tuning_starts_from_a_folders_heads_of_the_same_spec(tmp_path):
+    model = tiny_gpt()
+    saved = CerberusHeads(TINY, n_heads=2, reads_root=True, link="token")
+    with torch.no_grad():
+        for p in saved.parameters():
+            p.normal_(0, 0.1)
+    save_heads(str(tmp_path / "cerberus.pt"), saved.draft_over([2, 3, 255]), model, {})
+    fresh = CerberusHeads(TINY, n_heads=2, reads_root=True, link="token")
+    fresh.load_state_dict(starting_weights(str(tmp_path), fresh, model))
+    for a, b in zip(saved.parameters(), fresh.parameters()):
+        torch.testing.assert_close(a.half().float(), b)
+    assert fresh.vocab is None  # the draft vocabulary comes from the new data, not the old heads
+    with pytest.raises(ValueError, match="pass --heads to match"):
+        starting_weights(str(tmp_path), CerberusHeads(TINY, n_heads=2), model)
+    with pytest.raises(ValueError, match="no heads checkpoint"):
+        starting_weights(str(tmp_path / "elsewhere"), fresh, model)
 
 
 def test_draft_vocabulary_is_the_most_written_tokens_and_indexes_targets():
