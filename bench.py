@@ -193,23 +193,35 @@ def report(rounds, prompts, prefill):
     return out
 
 
-def head_accuracy(model, head_sets, lm_weight, prompts, ar_runs):
-    """({head set: per-head top-1/top-5}, {head set: {category: the same}}) on the AR answers to these prompts:
-    one forward per prompt gives the hidden state before each answer token; head k should name the token k after it."""
-    device, overall, by_category = model.embed.weight.device, {}, {}
+def answer_positions(model, prompts, ar_runs, n_heads):
+    """The AR answers to these prompts as head-training positions: {"hidden" (M, C), "targets" (M, 1 + n_heads)}
+    and the M positions' categories. One forward per prompt gives the hidden state before each answer token."""
+    device, hidden, targets, categories = model.embed.weight.device, [], [], []
+    for prompt, run in zip(prompts, ar_runs):
+        P = len(prompt["ids"])
+        _, states = model(torch.tensor([prompt["ids"] + run.ids], device=device))
+        hidden.append(states[0, P - 1:P - 1 + len(run.ids)])  # (A, C): row i predicts answer token i
+        targets.append(head_targets(torch.tensor(run.ids, device=device), n_heads))
+        categories += [prompt["category"]] * len(run.ids)
+    return {"hidden": torch.cat(hidden), "targets": torch.cat(targets)}, categories
+
+
+def score_heads(head_sets, lm_weight, data, categories):
+    """({head set: per-head top-1/top-5}, {head set: {category: the same}}) at these positions: head k should
+    name the token k after the one each hidden state predicts."""
+    overall, by_category = {}, {}
     for name, (heads, _) in head_sets.items():
-        hidden, targets, rows = [], [], []  # rows: the category of each answer position
-        for prompt, run in zip(prompts, ar_runs):
-            P = len(prompt["ids"])
-            _, states = model(torch.tensor([prompt["ids"] + run.ids], device=device))
-            hidden.append(states[0, P - 1:P - 1 + len(run.ids)])  # (A, C): row i predicts answer token i
-            targets.append(head_targets(torch.tensor(run.ids, device=device), heads.n_heads))
-            rows += [prompt["category"]] * len(run.ids)
-        data = {"hidden": torch.cat(hidden), "targets": torch.cat(targets)}  # (M, C), (M, 1 + K)
         ranks = target_ranks(heads, lm_weight, data, heads.n_heads)  # (M, K)
         overall[name] = accuracy(ranks)
-        by_category[name] = {c: accuracy(ranks[torch.tensor([r == c for r in rows])]) for c in dict.fromkeys(rows)}
+        by_category[name] = {c: accuracy(ranks[torch.tensor([r == c for r in categories])])
+                             for c in dict.fromkeys(categories)}
     return overall, by_category
+
+
+def head_accuracy(model, head_sets, lm_weight, prompts, ar_runs):
+    """score_heads on the AR answers to these prompts."""
+    n_heads = max(heads.n_heads for heads, _ in head_sets.values())
+    return score_heads(head_sets, lm_weight, *answer_positions(model, prompts, ar_runs, n_heads))
 
 
 def noise_warnings(results, load_before, load_after, device):

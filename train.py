@@ -167,9 +167,25 @@ def read_prompts(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def answer_data(model, tokenizer, rows, answers, cfg):
+    """Positions {"hidden" (M, C), "targets" (M, 1 + K), "category", "turn", "held_out" (M,)} of the answers
+    {(line, turn): ids} to these prompt rows, their hidden states from one teacher-forced forward per batch."""
+    items = sorted(answers.items())  # ((line, turn), answer ids)
+    sequences = [conversation(tokenizer, rows[line], answers[line, 1] if turn == 2 else None) + ids
+                 for (line, turn), ids in items]
+    states = teacher_forced_states(model, sequences, [len(ids) for _, ids in items])
+
+    def per_position(value_of, dtype):  # one value per answer, repeated over its tokens
+        return torch.tensor([value_of(*item) for item, ids in items for _ in ids], dtype=dtype)
+    return {"hidden": torch.cat(states),
+            "targets": torch.cat([head_targets(torch.tensor(ids), cfg.n_heads) for _, ids in items]),
+            "category": per_position(lambda line, turn: CATEGORIES.index(rows[line]["category"]), torch.uint8),
+            "turn": per_position(lambda line, turn: turn, torch.uint8),
+            "held_out": per_position(lambda line, turn: line % round(1 / cfg.holdout) == 0, torch.bool)}
+
+
 def shard_data(model, tokenizer, rows, path, cfg):
-    """A shard's positions {"hidden" (M, C) bf16, "targets" (M, 1 + K), "category", "turn",
-    "held_out" (M,)}, recomputed from its answers and cached in out_dir/hidden/."""
+    """answer_data of a shard file made for this backbone and prompt file, cached in out_dir/hidden/."""
     meta, answers = read_shard(path)
     if meta["backbone"] != model.fingerprint():
         raise ValueError(f"{path} holds another backbone's answers; pass that backbone or another --answers_dir")
@@ -180,18 +196,7 @@ def shard_data(model, tokenizer, rows, path, cfg):
                  cfg.n_heads, cfg.holdout]  # the answers themselves: a regenerated shard invalidates its cache
     if os.path.exists(cache) and (cached := torch.load(cache, weights_only=True))["key"] == cache_key:
         return cached["data"]
-    items = sorted(answers.items())  # ((line, turn), answer ids)
-    sequences = [conversation(tokenizer, rows[line], answers[line, 1] if turn == 2 else None) + ids
-                 for (line, turn), ids in items]
-    states = teacher_forced_states(model, sequences, [len(ids) for _, ids in items])
-
-    def per_position(value_of, dtype):  # one value per answer, repeated over its tokens
-        return torch.tensor([value_of(*item) for item, ids in items for _ in ids], dtype=dtype)
-    data = {"hidden": torch.cat(states),
-            "targets": torch.cat([head_targets(torch.tensor(ids), cfg.n_heads) for _, ids in items]),
-            "category": per_position(lambda line, turn: CATEGORIES.index(rows[line]["category"]), torch.uint8),
-            "turn": per_position(lambda line, turn: turn, torch.uint8),
-            "held_out": per_position(lambda line, turn: line % round(1 / cfg.holdout) == 0, torch.bool)}
+    data = answer_data(model, tokenizer, rows, answers, cfg)
     write_atomically(cache, lambda tmp: torch.save({"key": cache_key, "data": data}, tmp))
     return data
 
@@ -278,7 +283,7 @@ def target_ranks(heads, lm_weight, data, n_heads, chunk=512):
         rows = slice(i, i + chunk)
         root_vec = lm_weight[data["targets"][rows, 0]]  # (b, C) the backbone's own next token at each row
         logits = head_logits(heads, draft_weight, data["hidden"][rows].float(), n_heads, root_vec).float()
-        target = data["targets"][rows, 1:].T  # (K, b)
+        target = data["targets"][rows, 1:n_heads + 1].T  # (K, b): more columns than heads are left out
         column = draft_classes(heads, target)
         picked = logits.gather(-1, column.clamp(min=0)[..., None])  # (K, b, 1)
         rank = torch.where(column == IGNORE, NO_TARGET - 1, (logits > picked).sum(-1).clamp(max=NO_TARGET - 1))
