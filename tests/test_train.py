@@ -342,6 +342,8 @@ def test_target_ranks_count_a_token_outside_the_draft_vocabulary_as_a_miss():
     assert ranks[1, 1] == whole[1, 1] == NO_TARGET
     assert ranks[0, 1] == ranks[1, 0] == NO_TARGET - 1
     assert ranks[0, 0] <= 2 and ranks[0, 0] <= whole[0, 0]  # ranked among the 3 drafted tokens only
+    wider = {**data, "targets": torch.cat([targets, torch.full((2, 2), 9)], dim=1)}  # targets for 4 heads
+    assert torch.equal(target_ranks(heads, model.lm_head.weight, wider, 2), ranks)  # a 2-head set reads its 2
 
 
 def test_cli_help_lists_every_flag_with_its_default_and_comment(capsys):
