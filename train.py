@@ -21,7 +21,7 @@ import os
 import pathlib
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ class TrainConfig:
     prompts: str = "data/train_prompts.jsonl"  # the prompt mix the answers answer (data/build_prompts.py)
     answers_dir: str = "data/answers"  # the backbone's answers as token-id shards (data/generate_answers.py)
     n_shards: int = 1  # answer shards to train on, the first ones there (256 prompt lines each); 0 = all
-    hidden_dtype: str = "bfloat16"  # backbone dtype that recomputes the hidden states (targets need no float32)
+    hidden_dtype: str = "auto"  # backbone dtype that recomputes the hidden states; auto = bfloat16 where native
     holdout: float = 0.05  # share of prompt lines (every 1/holdout-th, both turns) held out for accuracy and the gate
     batch_size: int = 256  # positions per optimiser step
     epochs: int = 1  # fresh data beats extra epochs
@@ -57,12 +57,13 @@ class TrainConfig:
     warmup: int = 50  # steps of linear warm-up, then cosine decay to 0
     head_decay: float = 0.8  # loss weight of head k is head_decay ** (k - 1)
     draft_vocab: int = 16384  # heads draft over the D tokens the backbone writes most often; 0 = all V
-    train_dtype: str = "bfloat16"  # dtype of the shared lm_head in the loss (heads keep float32 weights)
+    train_dtype: str = "auto"  # dtype of the shared lm_head in the loss (heads keep float32 weights); auto as above
     init_from: str = ""  # "" = heads start fresh; else a folder (heads/) whose <kind>.pt each head set starts from
     seed: int = 0
 
 
 RECIPES = {"quick": dict(n_shards=1, out_dir="runs/quick"), "full": dict(n_shards=0, out_dir="runs/full")}
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 def cli_help(config_class):
@@ -101,6 +102,25 @@ def train_config(overrides):
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
     return TrainConfig(**{**RECIPES[recipe], **overrides})
+
+
+def native_bfloat16(device):
+    """Whether the device multiplies bfloat16 natively: a GPU that supports it, or a CPU with AVX-512 BF16
+    or AMX. Elsewhere (an AVX2 CPU, for one) bfloat16 is emulated, and the bulk matmuls of training, hundreds
+    to thousands of rows at a time, run several times slower than in float32."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def concrete_dtypes(cfg, device):
+    """cfg with each "auto" dtype made bfloat16 or float32 for this device, so that the metrics and the
+    checkpoints record what ran."""
+    for key in ("hidden_dtype", "train_dtype"):
+        if getattr(cfg, key) not in DTYPES:
+            raise ValueError(f"unknown {key} {getattr(cfg, key)!r}; choose one of {DTYPES}")
+    auto = "bfloat16" if native_bfloat16(device) else "float32"
+    return replace(cfg, **{key: auto for key in ("hidden_dtype", "train_dtype") if getattr(cfg, key) == "auto"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,6 +501,7 @@ def train(cfg):
     setup_distributed()
     torch.manual_seed(cfg.seed)
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    cfg = concrete_dtypes(cfg, device)
     model, tokenizer = load_gguf(cfg.gguf) if cfg.gguf else load_smollm2()
     model = model.to(device).requires_grad_(False)
     t0 = time.time()

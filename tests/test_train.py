@@ -373,6 +373,19 @@ def test_cli_overrides_and_recipes():
             head_set_spec(name, 4)
 
 
+def test_auto_dtypes_are_bfloat16_only_where_native(monkeypatch):
+    """--hidden_dtype/--train_dtype=auto resolve before training, so the checkpoint records what ran:
+    bfloat16 where the device has it natively, float32 where it would be emulated. Explicit names stay."""
+    import train
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(train, "native_bfloat16", lambda device, native=native: native)
+        cfg = train.concrete_dtypes(TrainConfig(), "cpu")
+        assert (cfg.hidden_dtype, cfg.train_dtype) == (expected, expected)
+        assert train.concrete_dtypes(TrainConfig(train_dtype="float32"), "cpu").train_dtype == "float32"
+    with pytest.raises(ValueError, match="unknown train_dtype 'fp16'"):
+        train.concrete_dtypes(TrainConfig(train_dtype="fp16"), "cpu")
+
+
 def test_torchrun_ddp_on_two_cpu_processes(tmp_path, monkeypatch):
     """`torchrun --nproc_per_node=2 train.py` trains with DDP (gloo), each rank on its own answer shard,
     and rank 0 writes the heads."""
@@ -393,6 +406,7 @@ def test_torchrun_ddp_on_two_cpu_processes(tmp_path, monkeypatch):
     assert sorted(os.listdir(out / "hidden")) == ["00000.pt", "00001.pt"]  # one shard per rank
     heads, ckpt = load_heads(str(out / "cerberus.pt"), model)
     assert heads.n_heads == 2 and "threshold" in ckpt["gate"] and len(heads.vocab) == 100
+    assert ckpt["train_config"]["train_dtype"] in ("float32", "bfloat16")  # "auto", resolved for this CPU
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["heads"]["cerberus"]["held_out_by_category"]) <= set(CATEGORIES) | {"second turns"}
 
