@@ -229,14 +229,23 @@ class GPT(nn.Module):
     def layers(self, idx, pos, mask, cache, slots):
         """The network itself, once the new tokens are placed: positions pos (T,), the K/V written at
         `slots` (a slice, or (T,) indices when the mask covers every cache slot)."""
+        hidden = self.trunk(idx, pos, mask, cache, slots)
+        return self.lm_head(hidden), hidden  # (B, T, V), (B, T, C)
+
+    def trunk(self, idx, pos, mask, cache, slots):
+        """layers without the lm_head: the final (normed) hidden states (B, T, C)."""
         x = self.embed(idx)  # (B, T, C)
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, D/2), float32
         for i, block in enumerate(self.blocks):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             x = block(x, cos, sin, kv, slots, mask)
-        hidden = self.norm(x)
-        logits = self.lm_head(hidden)  # (B, T, V)
-        return logits, hidden
+        return self.norm(x)
+
+    def hidden_states(self, idx):
+        """The final hidden states of whole sequences, no cache, no lm_head: (B, T) -> (B, T, C). What
+        head training recomputes; SmolLM2's logits over V would add a fifth to the forward, unused."""
+        T = idx.shape[1]
+        return self.trunk(idx, self.positions(T, None, None), None, None, slice(0, T))
 
     def positions(self, T, cache, pos):
         """The rotary positions of T new tokens (default: right after the cache), checked to fit."""

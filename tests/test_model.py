@@ -26,6 +26,7 @@ def test_prefix_plus_chunk_equals_full_forward(model):
     second, second_hidden = model(idx[:, 10:], cache)
     torch.testing.assert_close(torch.cat([first, second], 1), full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(second_hidden, full_hidden[:, 10:], atol=1e-5, rtol=1e-5)
+    assert torch.equal(model.hidden_states(idx), full_hidden)  # what training recomputes, without the lm_head
 
 
 @torch.no_grad()
