@@ -1,12 +1,16 @@
 """Which host a cloud VM's "AMD EPYC" runs on today. The same VM has run on a Zen 3 host (AVX2, no
-bf16 instructions) and on a Zen 4 one (AVX-512 with bf16), and a bfloat16 benchmark changes with it:
+bf16 instructions) and on a Zen 5 one (family 26, AVX-512 with bf16), and a bfloat16 benchmark changes with it:
 its step-cost curve was flat on one and grew 30x over 64 tokens on the other. Run it beside a log:
     python results/cpu_info.py
 """
 import os
 import platform
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from train import native_bfloat16  # noqa: E402
 
 
 def cpu_info():
@@ -28,7 +32,7 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, capability "
           f"{torch.backends.cpu.get_cpu_capability()}")
     print("vector extensions: " + " ".join(sorted(f for f in flags if f.startswith(("avx", "amx"))) or ["none"]))
-    print(f"bf16 matmul in hardware: {'yes' if {'avx512_bf16', 'amx_bf16'} & flags else 'no'}")
+    print(f"bf16 matmul in hardware: {'yes' if native_bfloat16('cpu') else 'no'}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """bfloat16 against float32 on this CPU for train.py's two bulk jobs: the teacher-forced forward that
-recomputes hidden states (one batch of 16 x 512 tokens) and a Cerberus training step (256 positions,
+recomputes hidden states (one batch of 16 x 512 tokens, logits included) and a Cerberus training step (256 positions,
 16,384 draft tokens). `python results/train_dtype_ab.py`; the output is results/train_dtype_ab.txt."""
 import copy
 import os
