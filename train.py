@@ -56,7 +56,6 @@ class TrainConfig:
     lr: float = 1e-3
     warmup: int = 50  # steps of linear warm-up, then cosine decay to 0
     head_decay: float = 0.8  # loss weight of head k is head_decay ** (k - 1)
-    soft_targets: bool = False  # learn the backbone's whole next-token distribution, not only its greedy token
     draft_vocab: int = 16384  # heads draft over the D tokens the backbone writes most often; 0 = all V
     train_dtype: str = "auto"  # dtype of the shared lm_head in the loss (heads keep float32 weights); auto as above
     init_from: str = ""  # "" = heads start fresh; else a folder (heads/) whose <kind>.pt each head set starts from
@@ -266,21 +265,6 @@ def draft_classes(heads, tokens):
     return torch.where(tokens == IGNORE, IGNORE, column[tokens.clamp(min=0)])
 
 
-@torch.no_grad()
-def teacher_distributions(hidden, rows, draft_weight, n_heads):
-    """(K, b, D) the backbone's next-token distribution, over the draft vocabulary, that chose head k's target at
-    each of the rows: the state at row i predicts answer token i, so head k's target i + k came from row i + k.
-    Past an answer's end that row belongs to another answer; the target there is IGNORE and the loss skips it."""
-    later = (rows + torch.arange(1, n_heads + 1)[:, None]).clamp(max=len(hidden) - 1)  # (K, b)
-    return linear(hidden[later].to(draft_weight.dtype), draft_weight).float().softmax(-1)
-
-
-def soft_cross_entropy(logits, teacher, valid):
-    """Mean over the valid rows of the cross-entropy of logits (b, D) against the teacher's probabilities (b, D);
-    nan where no row is valid, like F.cross_entropy when every target is ignored."""
-    return -(teacher[valid] * logits[valid].float().log_softmax(-1)).sum(-1).mean()
-
-
 def train_heads(heads, lm_weight, data, cfg, desc="heads"):
     """AdamW with warm-up and cosine decay, one pass (per epoch) over the positions in random order.
     Under torchrun the heads are wrapped in DDP and every rank trains on its own data shard."""
@@ -305,13 +289,8 @@ def train_heads(heads, lm_weight, data, cfg, desc="heads"):
         root_vec = lm_weight[data["targets"][rows, 0]]  # (b, C) the backbone's own next token, the tree's root
         logits = head_logits(model, draft_weight, data["hidden"][rows].float(), cfg.n_heads, root_vec)  # (K, b, D)
         target = draft_classes(heads, data["targets"][rows, 1:].T)  # (K, b)
-        if cfg.soft_targets:
-            teacher = teacher_distributions(data["hidden"], rows, draft_weight, cfg.n_heads)  # (K, b, D)
-            losses = torch.stack([soft_cross_entropy(logits[k], teacher[k], target[k] != IGNORE)
-                                  for k in range(cfg.n_heads)])
-        else:
-            losses = torch.stack([F.cross_entropy(logits[k], target[k], ignore_index=IGNORE)
-                                  for k in range(cfg.n_heads)])
+        losses = torch.stack([F.cross_entropy(logits[k], target[k], ignore_index=IGNORE)
+                              for k in range(cfg.n_heads)])
         loss = (weights * losses.nan_to_num()).sum()  # a head with no valid target contributes 0
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -57,14 +57,20 @@ def main(old_dir, new_dir):
     for set_name, (data, categories) in position_sets.items():
         overall, by_category = bench.score_heads(head_sets, lm_weight, data, categories)
         summary[set_name] = {"positions": len(categories), "overall": overall, "by_category": by_category}
-        print(f"\n{set_name}: {len(categories)} answer positions; top-1")
-        print(f"{'':<12}" + "".join(f"{name:>15}" for name in head_sets))
-        for k in range(1, 5):
-            print(f"{f'head {k}':<12}" + "".join(f"{overall[n][f'head{k}']['top1']:15.3f}" for n in head_sets))
-        print("head 1 by category:")
-        for category in by_category[next(iter(head_sets))]:
-            print(f"  {category:<10}" + "".join(f"{by_category[n][category]['head1']['top1']:15.3f}" for n in head_sets))
+        print_top1(f"\n{set_name}: {len(categories)} answer positions; top-1", overall, by_category)
     print(json.dumps(summary))
+
+
+def print_top1(title, overall, by_category):
+    """score_heads' result as a table: a column per head set, a row per head, then head 1 per category."""
+    names = list(overall)
+    print(title)
+    print(f"{'':<12}" + "".join(f"{name:>15}" for name in names))
+    for k in range(1, 5):
+        print(f"{f'head {k}':<12}" + "".join(f"{overall[n][f'head{k}']['top1']:15.3f}" for n in names))
+    print("head 1 by category:")
+    for category in by_category[names[0]]:
+        print(f"  {category:<10}" + "".join(f"{by_category[n][category]['head1']['top1']:15.3f}" for n in names))
 
 
 if __name__ == "__main__":
