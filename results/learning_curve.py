@@ -1,8 +1,10 @@
 """Head-1 top-1 against training positions: Cerberus heads (+token+root) trained from scratch by train.py on the
-first 1, 2, 4, ... answer shards (and, to tell data from steps, several epochs of fewer), each run's held-out lines and MT-Bench's AR answers (results/mt_bench_heads.py).
-Is more of this data what the heads lack? Draws results/learning_curve.png.
+first 1, 2, 4, ... answer shards, and, to tell data from steps, several epochs of fewer; each run's held-out lines
+and MT-Bench's AR answers (results/mt_bench_heads.py). Is more of this data what the heads lack? Draws
+results/learning_curve.png.
     python train.py --heads=cerberus+token+root --n_shards=N --out_dir=runs/lcN      # for each N
-    python results/learning_curve.py runs/lc1 runs/lc2 runs/lc4 [reference=heads/cerberus.pt]
+    python train.py --heads=cerberus+token+root --epochs=4 --out_dir=runs/lc1x4
+    python results/learning_curve.py runs/lc1 runs/lc2 runs/lc4 runs/lc1x4 [reference=heads/cerberus.pt]
 """
 import json
 import os
