@@ -402,7 +402,10 @@ def gguf_tokenizer(reader):
     return tiktoken.Encoding(name=name, pat_str=SMOLLM_PATTERN, mergeable_ranks=ranks, special_tokens=special)
 
 
-def chat_prompt(tokenizer, user, system="You are a helpful AI assistant named SmolLM, trained by Hugging Face"):
+SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # SmolLM2's default
+
+
+def chat_prompt(tokenizer, user, system=SYSTEM_PROMPT):
     """Token ids of a ChatML prompt, ending where the assistant starts to answer."""
     text = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
     return tokenizer.encode(text, allowed_special="all")

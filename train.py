@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from cerberus import (Tree, build_heads, entropy, head_logits, load_heads, parameter_count, save_heads,
                       write_atomically)
-from model import cache_for, chat_prompt, linear, load_gguf, load_smollm2
+from model import SYSTEM_PROMPT, cache_for, chat_prompt, linear, load_gguf, load_smollm2
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 IGNORE = -100  # target index that cross_entropy skips (past the end of an answer)
@@ -127,9 +127,10 @@ def concrete_dtypes(cfg, device):
 # Self-distillation data: the answers' token-id shards, and the hidden states that predicted them.
 
 def conversation(tokenizer, row, first_answer=None):
-    """Token ids of a chat up to where the assistant answers: a prompt row's first turn or, after the
-    model's own first answer (ids, its end token included when it ended), the row's follow-up."""
-    ids = chat_prompt(tokenizer, row["prompt"])
+    """Token ids of a chat up to where the assistant answers: a prompt row's first turn (under its system
+    prompt, if it names one) or, after the model's own first answer (ids, its end token included when it
+    ended), the row's follow-up."""
+    ids = chat_prompt(tokenizer, row["prompt"], row.get("system", SYSTEM_PROMPT))
     if first_answer is None:
         return ids
     end = tokenizer.encode("<|im_end|>", allowed_special="all")
@@ -196,7 +197,7 @@ def answer_data(model, tokenizer, rows, answers, cfg):
     last_turn = {line: turn for line, turn in sorted(answers)}
     sequences = {line: conversation(tokenizer, rows[line], answers[line, 1] if turn == 2 else None)
                  + answers[line, turn] for line, turn in last_turn.items()}
-    first_answer_at = {line: len(chat_prompt(tokenizer, rows[line]["prompt"])) for line in sequences}  # a position
+    first_answer_at = {line: len(conversation(tokenizer, rows[line])) for line in sequences}  # a position
     from_first_answer = dict(zip(sequences, teacher_forced_states(
         model, list(sequences.values()), [len(seq) - first_answer_at[line] for line, seq in sequences.items()])))
     states = [from_first_answer[line][:len(ids)] if turn == 1 else from_first_answer[line][-len(ids):]

@@ -8,9 +8,11 @@ them): real user prompts for conversation, writing, coding, maths and factual qu
 ../shared/data/real_prompts/), and, where no real prompts exist offline, summarising, translating
 and answering from a given document built from real text: passages of Shakespeare's plays and poems
 (public domain) and real users' own messages. A share of conversations gets a second turn, a
-follow-up written for this project and answered after the model's own first answer. Lines are
-shuffled, so any prefix of the file (the first answer shards) has the same mix. Any turn that
-overlaps a benchmark prompt is dropped by the rule data/generate_answers.py enforces.
+follow-up written for this project and answered after the model's own first answer. The file holds
+rounds of the mix one after the other (ROUNDS); a later round takes the real prompts left and, for the
+types whose real prompts are used up, asks the same requests under another system prompt. A round's
+lines are shuffled, so any prefix of it (its first answer shards) has its mix. Any turn that overlaps
+a benchmark prompt is dropped by the rule data/generate_answers.py enforces.
 """
 import importlib.util
 import json
@@ -20,12 +22,15 @@ import random
 import re
 
 from generate_answers import CATEGORIES, ROOT, overlaps_benchmark, write_atomically
+from train import TrainConfig
 
 REAL = os.path.join(ROOT, "..", "shared", "data", "real_prompts")
 LICENSES = {"arena_hard": "Apache-2.0", "chatbot_arena": "CC BY 4.0", "oasst_eval": "Apache-2.0",
             "ifeval": "Apache-2.0", "gsm8k": "MIT", "nq_open": "CC BY-SA 3.0", "shakespeare": "public domain"}
 PER_CATEGORY = 1200  # first turns per task type, where that many exist
 FOLLOW_UP_SHARE = 0.6  # conversations with a second turn
+ROUNDS = 2  # rounds of the mix in the file, one after the other; a new round leaves the lines before it as they were
+HELD_OUT_EVERY = round(1 / TrainConfig().holdout)  # train.py holds out every 20th line for accuracy
 LANGUAGES = ["French", "Spanish", "German", "Italian", "Portuguese", "Dutch", "Chinese", "Japanese", "Russian"]
 
 SUMMARISE = ["Summarise the following passage in plain modern English:\n\n{text}",
@@ -57,6 +62,12 @@ QUESTIONS = ["Who speaks in this passage, and what does each speaker want?",
              "Which image or comparison in the passage stands out most, and what does it mean?",
              "According to the passage, what is likely to happen next?",
              "What does the speaker feel about the person they are talking to?"]
+SYSTEM_PROMPTS = [  # a second answer to a chat, writing or coding request, rounds 2 on (written for this project)
+    "You are a concise assistant. Answer briefly and to the point.",
+    "You are a friendly teacher who explains things step by step.",
+    "You are an expert assistant. Give a thorough, well-structured answer.",
+    "You are a helpful assistant. Use an example where it helps.",
+    "You are a careful assistant. Think about what the user needs before you answer."]
 FOLLOW_UPS = {  # written for this project
     "chat": ["Can you give me a concrete example?", "What would you do in my place?",
              "Can you say that more briefly?", "What are the risks or downsides?",
@@ -96,6 +107,11 @@ def real_prompts():
     return out
 
 
+def chat_sources(real):
+    """The real prompts users wrote to chat models (every source but GSM8K and NQ-open)."""
+    return [r for name, rows in real.items() if name not in ("gsm8k", "nq_open") for r in rows]
+
+
 def shakespeare_passages(rng, n, min_words=60, max_words=220):
     """n passages (title, text) of consecutive speeches from the plays and poems of the shakespeare
     package (Project Gutenberg texts, public domain), each 60-220 words."""
@@ -125,13 +141,13 @@ def shakespeare_passages(rng, n, min_words=60, max_words=220):
 
 
 def passage_tasks(rng, unused):
-    """Summarising, translating and document-QA rows, built from Shakespeare and real prompts' text
-    (unused: real prompts not already in the mix)."""
+    """(rows, real prompts taken): summarising, translating and document-QA rows, built from Shakespeare
+    and real prompts' text (unused: real prompts not already in the mix)."""
     passages = shakespeare_passages(rng, 3 * PER_CATEGORY)
     messages = [r for r in unused if r["source"] not in ("gsm8k", "nq_open")]  # what chat users wrote
     long_messages = [r for r in messages if 400 <= len(r["prompt"]) <= 2500]
-    rows = [row("summarise", r["source"], rng.choice(SUMMARISE_MESSAGE).format(text=r["prompt"]))
-            for r in rng.sample(long_messages, min(len(long_messages), PER_CATEGORY // 4))]
+    summarised = rng.sample(long_messages, min(len(long_messages), PER_CATEGORY // 4))
+    rows = [row("summarise", r["source"], rng.choice(SUMMARISE_MESSAGE).format(text=r["prompt"])) for r in summarised]
     rows += [row("summarise", "shakespeare", rng.choice(SUMMARISE).format(text=text, title=title))
              for title, text in passages[:PER_CATEGORY - len(rows)]]
     for title, text in passages[PER_CATEGORY:2 * PER_CATEGORY]:
@@ -151,27 +167,47 @@ def passage_tasks(rng, unused):
         modernise = source == "shakespeare" and rng.random() < 0.3
         template = rng.choice(MODERNISE if modernise else TRANSLATE)
         rows.append(row("translate", source, template.format(text=text, language=rng.choice(LANGUAGES))))
-    return rows
+    return rows, {r["prompt"] for r in summarised} | {text for _, text in texts}
 
 
 def row(category, source, prompt):
     return {"category": category, "source": source, "license": LICENSES[source], "prompt": prompt}
 
 
-def build(seed=0):
-    rng = random.Random(seed)
-    real = real_prompts()
-    chat_sources = [r for name, rows in real.items() if name not in ("gsm8k", "nq_open") for r in rows]
-    by_type = {c: [r for r in chat_sources if {"reasoning": "chat"}.get(r["category"], r["category"]) == c]
-               for c in ("chat", "writing", "coding", "math", "qa")}
-    for rows in [*by_type.values(), real["gsm8k"], real["nq_open"]]:
-        rng.shuffle(rows)
-    by_type["math"] = (by_type["math"] + real["gsm8k"])[:PER_CATEGORY]  # users' own maths first, then GSM8K
-    by_type["qa"] = by_type["qa"][:PER_CATEGORY // 2] + real["nq_open"][:PER_CATEGORY // 2]
-    chosen = [row(c, r["source"], r["prompt"]) for c, rows in by_type.items() for r in rows[:PER_CATEGORY]]
-    used = {r["prompt"] for r in chosen}
-    unused = [r for r in chat_sources + real["gsm8k"] + real["nq_open"] if r["prompt"] not in used]
-    rows = chosen + passage_tasks(rng, unused)
+def one_round(rng, by_type, real, taken, earlier):
+    """The rows of one round of the mix, before follow-ups: PER_CATEGORY first turns of each task type
+    from real prompts not yet taken (the set grows), and passage tasks. Past the first round the chat,
+    writing and coding requests are used up; the earlier rounds' ones (earlier: their rows in file
+    order) come again under a system prompt they were not yet answered under, whose greedy answer
+    shares a fifth to a quarter of its 4-grams with the first (results/system_prompt_variety.txt).
+    Requests on held-out lines do not come again."""
+    def fresh(rows):
+        return [r for r in rows if r["prompt"] not in taken]
+    qa = fresh(by_type["qa"])[:PER_CATEGORY // 2]
+    requests = {"chat": fresh(by_type["chat"]), "writing": fresh(by_type["writing"]),
+                "coding": fresh(by_type["coding"]), "math": fresh(by_type["math"] + real["gsm8k"]),  # users' own first
+                "qa": qa + fresh(real["nq_open"])[:PER_CATEGORY - len(qa)]}
+    chosen = [row(c, r["source"], r["prompt"]) for c, rows in requests.items() for r in rows[:PER_CATEGORY]]
+    taken |= {r["prompt"] for r in chosen}
+    asked = {}  # request -> the system prompts it was answered under (None: the default one)
+    for r in earlier:
+        asked.setdefault(r["prompt"], set()).add(r.get("system"))
+    for c in ("chat", "writing", "coding"):
+        if not requests[c]:
+            again = [r for line, r in enumerate(earlier) if r["category"] == c and "system" not in r
+                     and line % HELD_OUT_EVERY]
+            chosen += [dict(row(c, r["source"], r["prompt"]),
+                            system=rng.choice([s for s in SYSTEM_PROMPTS if s not in asked[r["prompt"]]]))
+                       for r in again]
+    passages, passage_texts = passage_tasks(rng, fresh(chat_sources(real) + real["gsm8k"] + real["nq_open"]))
+    taken |= passage_texts
+    in_file = {r["prompt"] for r in earlier}  # a passage drawn again would get the same answer
+    return chosen + [r for r in passages if r["prompt"] not in in_file]
+
+
+def finish(rng, rows):
+    """Give a share of the rows a follow-up, drop those with a turn that overlaps a benchmark prompt and
+    shuffle: (rows kept, number dropped)."""
     for r in rows:
         if rng.random() < FOLLOW_UP_SHARE:
             pool = FOLLOW_UPS[r["category"]] if rng.random() < 0.5 else FOLLOW_UPS["any"]
@@ -183,14 +219,48 @@ def build(seed=0):
     return kept, len(rows) - len(kept)
 
 
+def keep_off_held_out_lines(rows, first_line):
+    """Swap a round's second answers off the lines train.py holds out, so that held-out accuracy is
+    measured on requests the heads never saw answered."""
+    held = [i for i in range(len(rows)) if (first_line + i) % HELD_OUT_EVERY == 0]
+    spare = [i for i in range(len(rows)) if (first_line + i) % HELD_OUT_EVERY and "system" not in rows[i]]
+    for i in held:
+        if "system" in rows[i]:
+            j = spare.pop()
+            rows[i], rows[j] = rows[j], rows[i]
+
+
+def build(seed=0, rounds=ROUNDS):
+    """[(rows, number dropped)] of each round. Round 1 is the file's first 8,195 lines; a later round
+    draws on the same rng after it, so adding a round leaves the earlier lines (and their answer
+    shards) as they were."""
+    rng = random.Random(seed)
+    real = real_prompts()
+    by_type = {c: [r for r in chat_sources(real) if {"reasoning": "chat"}.get(r["category"], r["category"]) == c]
+               for c in ("chat", "writing", "coding", "math", "qa")}
+    for rows in [*by_type.values(), real["gsm8k"], real["nq_open"]]:
+        rng.shuffle(rows)
+    taken, out = set(), []
+    for _ in range(rounds):
+        earlier = [r for rows, _ in out for r in rows]
+        rows, dropped = finish(rng, one_round(rng, by_type, real, taken, earlier))
+        keep_off_held_out_lines(rows, len(earlier))
+        out.append((rows, dropped))
+    return out
+
+
 def main():
-    rows, dropped = build()
+    rounds = build()
+    rows = [r for round_rows, _ in rounds for r in round_rows]
     path = os.path.join(ROOT, "data", "train_prompts.jsonl")
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
-    counts = {c: sum(r["category"] == c for r in rows) for c in CATEGORIES}
-    print(f"{len(rows)} prompts ({sum('follow_up' in r for r in rows)} with a second turn; {dropped} dropped "
-          f"for overlapping a benchmark prompt) -> {path}\n{counts}")
+    print(f"{len(rows)} prompts -> {path}")
+    for i, (round_rows, dropped) in enumerate(rounds, 1):
+        counts = {c: sum(r["category"] == c for r in round_rows) for c in CATEGORIES}
+        print(f"round {i}: {len(round_rows)} prompts ({sum('follow_up' in r for r in round_rows)} with a second turn, "
+              f"{sum('system' in r for r in round_rows)} under another system prompt; {dropped} dropped for "
+              f"overlapping a benchmark prompt)\n  {counts}")
 
 
 if __name__ == "__main__":

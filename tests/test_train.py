@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from cerberus import CerberusHeads, MedusaHeads, Tree, generate, load_heads, save_heads
 from conftest import TINY, perturb, tiny_gpt, write_gguf
-from model import GPT, GPTConfig, load_gguf
+from model import SYSTEM_PROMPT, GPT, GPTConfig, load_gguf
 from train import (CATEGORIES, IGNORE, NO_TARGET, TrainConfig, accuracy_by_category, calibrate, conversation,
                    draft_classes, draft_vocabulary, get_data, head_set_spec, head_targets, parse_cli, read_shard,
                    shard_data, starting_weights, target_ranks, teacher_forced_states, train_config, train_heads)
@@ -112,6 +112,14 @@ def test_a_second_turn_follows_the_models_own_first_answer():
     assert conversation(tok, row, tok.encode("Hel")) == first + tok.encode("Hel") + second_turn
 
 
+def test_a_prompt_row_may_name_its_system_prompt():
+    tok = ByteChat()
+    assert conversation(tok, {"prompt": "Hi"}) == tok.encode(
+        f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert conversation(tok, {"prompt": "Hi", "system": "Be brief."}) == tok.encode(
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
 def write_prompts(path, rows):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")  # as built
     return str(path)
@@ -176,6 +184,7 @@ def test_shard_positions_line_up_with_their_targets(tmp_path):
     model, tok = tiny_gpt(config=CHAT), ByteChat()
     rows = prompt_rows(10)
     rows[3]["prompt"] += "\u2028Real prompts hold line separators."  # str.splitlines() would cut the line there
+    rows[5]["system"] = "Answer in one short sentence."  # its answer starts later than under the default prompt
     prompts = write_prompts(tmp_path / "prompts.jsonl", rows)
     gen.generate_shards(model, tok, rows, answer_config(tmp_path))
     cfg = TrainConfig(prompts=prompts, answers_dir=str(tmp_path / "answers"), out_dir=str(tmp_path / "run"),
@@ -213,10 +222,15 @@ def test_prompts_that_overlap_a_benchmark_prompt_are_refused(tmp_path, monkeypat
 
 def test_the_committed_prompt_mix_is_disjoint_from_the_benchmarks_and_balanced():
     rows = gen.load_prompts("data/train_prompts.jsonl")  # raises on any overlap
-    counts = [sum(r["category"] == c for r in rows) for c in CATEGORIES]
+    first_round = rows[:8195]  # what shards 0-31 answer, as the shipped heads saw it
+    counts = [sum(r["category"] == c for r in first_round) for c in CATEGORIES]
     assert min(counts) >= 400 and max(counts) <= 1200  # balanced by task type, not 83% maths and trivia
+    assert not any("system" in r for r in first_round)
     assert all(r["license"] and r["source"] for r in rows)
     assert 0.4 < sum("follow_up" in r for r in rows) / len(rows) < 0.8
+    held_out = {r["prompt"] for line, r in enumerate(rows) if line % round(1 / TrainConfig().holdout) == 0}
+    again = [r for r in rows if "system" in r]  # second answers to a request, under another system prompt
+    assert again and not any(r["prompt"] in held_out for r in again)  # held-out requests are never trained on
 
 
 def test_accuracy_by_category_counts_only_that_categorys_positions():
