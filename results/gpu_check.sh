@@ -16,7 +16,10 @@
 # 24 prompts x 128 tokens, each decoder's step one CUDA graph: compiling 4-6 graphs takes most of it);
 # graphs (float32 CUDA-graph steps give eager's tokens, greedy and sampled, with no CUDA-graph skip);
 # sampled (the compiled benchmark at temperature 0.7); eager (4 prompts, uncompiled: an eager forward
-# cost 18 ms there). Read compile_stats in the benchmark's JSON: graph_breaks, recompiles and
+# cost 18 ms there); heads (not yet run on a GPU: data/generate_answers.py makes the answer shards still
+# missing, the second round of the prompt mix, then the shipped recipe fine-tunes the shipped heads on every
+# shard; $OUT gets the shards and the heads, to commit here once results/heads_compare.py and
+# results/mt_bench_heads.py show them better). Read compile_stats in the benchmark's JSON: graph_breaks, recompiles and
 # cudagraph_skips must be 0. Each part writes its log to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +61,11 @@ for part in "${@:2}"; do
                       --temperature=0.7 --arms=ar,cerberus 2>&1 | tee "$OUT/bench_bf16_compiled_t07.txt" ;;
         eager)    timeout 180 python3 bench.py --device=cuda --dtype=bfloat16 --prompts=.gpu/meta/mt_bench.jsonl --n_prompts=4 \
                       2>&1 | tee "$OUT/bench_bf16_eager.txt" ;;
-        *) echo "unknown part $part: lossless, compiled, graphs, sampled or eager" >&2; exit 2 ;;
+        heads)    export OUT; timeout 540 bash -c 'python3 data/generate_answers.py --batch_size=256 \
+                      && python3 train.py --recipe=full --heads=cerberus+token+root,medusa+root --init_from=heads \
+                         --lr=3e-4 --out_dir=runs/gpu_heads \
+                      && mkdir -p "$OUT/answers" "$OUT/heads" && cp data/answers/*.npz "$OUT/answers/" \
+                      && cp runs/gpu_heads/*.pt runs/gpu_heads/metrics.json "$OUT/heads/"' 2>&1 | tee "$OUT/heads.txt" ;;
+        *) echo "unknown part $part: lossless, compiled, graphs, sampled, eager or heads" >&2; exit 2 ;;
     esac
 done
