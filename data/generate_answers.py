@@ -99,20 +99,26 @@ def load_prompts(path):
 # Answers.
 
 @torch.no_grad()
-def batched_generate(model, prompts, max_new_tokens, eos_id):
-    """Greedy answers to a batch of prompts (lists of ids), left-padded.
+def batched_generate(model, prompts, max_new_tokens, eos_id, follow_ups=None):
+    """Greedy answers to a batch of chats (lists of ids), left-padded, and second answers to those that go on.
 
-    Returns answers (B, A) (tokens past a row's length mean nothing), the hidden state that
-    predicted each answer token (B, A, C), and each answer's length (up to and including EOS). Rotary
-    positions are relative, so the left padding only needs masking; pad rows attend to themselves so
-    that no row is fully masked. Finished rows leave the batch (their cache rows too) once a quarter
-    of it is done: a batch costs about its number of rows per step, so idle rows would waste up to
-    half the time.
+    follow_ups[b], where given, is what comes after row b's first answer: its end token, then the next
+    user turn up to where the assistant answers. The row is fed those ids one per step, as if it were
+    answering, and then answers again: its first turn's keys and values stay in the cache, where a new
+    chat would compute them again (in shards 36 and 40, 56-63k of a shard's 100-110k prompt tokens).
+
+    Returns, per row, one (answer ids, hidden states that predicted them (n, C)) per turn; an answer
+    runs up to and including eos_id, or to max_new_tokens. Rotary positions are relative, so the left
+    padding only needs masking; pad slots attend to themselves so that no row is fully masked. Rows
+    that are done leave the batch (their cache rows too) once a quarter of it is: a batch costs about
+    its number of rows per step, so idle rows would waste up to half the time.
     """
     device, B, P = model.embed.weight.device, len(prompts), max(map(len, prompts))
-    S = P + max_new_tokens
+    follow_ups = follow_ups or [None] * B
+    n_steps = max(max_new_tokens + (len(f) + max_new_tokens if f else 0) for f in follow_ups)
+    S = P + n_steps
     if S > model.config.block_size:
-        raise ValueError(f"prompt of {P} tokens + {max_new_tokens} answer tokens exceed the context of "
+        raise ValueError(f"prompt of {P} tokens + {n_steps} answer and follow-up tokens exceed the context of "
                          f"{model.config.block_size}; use shorter prompts or max_answer_tokens")
     idx = torch.zeros(B, P, dtype=torch.long, device=device)
     real = torch.ones(B, S, dtype=torch.bool, device=device)  # (B, S) False at left padding
@@ -126,48 +132,60 @@ def batched_generate(model, prompts, max_new_tokens, eos_id):
         cols = slice(0, start + T)
         return (allowed[start:start + T, cols] & (real[:, None, cols] | self_only[start:start + T, cols]))[:, None]
 
-    answers = torch.full((B, max_new_tokens), eos_id, dtype=torch.long, device=device)
-    states = torch.zeros(B, max_new_tokens, model.config.n_embd, dtype=model.embed.weight.dtype, device=device)
-    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
-    rows = torch.arange(B, device=device)  # original index of each row still in the batch
-    finished = torch.zeros(B, dtype=torch.bool, device=device)  # per row still in the batch
+    # What each step predicted, per row; an answer is a run of steps [begin, end).
+    tokens = torch.zeros(B, n_steps, dtype=torch.long, device=device)
+    states = torch.zeros(B, n_steps, model.config.n_embd, dtype=model.embed.weight.dtype, device=device)
+    turns = [[] for _ in range(B)]  # (begin, end) of each answer so far
+    begin = [0] * B  # the step that predicts the current answer's first token
+    to_feed = [[] for _ in range(B)]  # follow-up ids still to go in before the row answers again
+    done = [False] * B
+    rows = list(range(B))  # original index of each row still in the batch
     cache = KVCache(model.config, S, batch_size=B, device=device, dtype=model.embed.weight.dtype)
-    logits, hidden = model(idx, cache, mask=mask(real, 0, P))
+    hidden = model.trunk(idx, torch.arange(P, device=device), mask(real, 0, P), cache, slice(0, P))[:, -1:]
+    logits = model.lm_head(hidden)  # the last position only: logits everywhere are a fifth of a prefill
     cache.length = P
-    for i in range(max_new_tokens):
+    for i in range(n_steps):
         token = logits[:, -1].float().argmax(-1)
-        answers[rows, i], states[rows, i] = token, hidden[:, -1]
-        newly = (token == eos_id) & ~finished
-        lengths[rows] = torch.where(newly, i + 1, lengths[rows])
-        finished |= newly
-        n_finished = int(finished.sum())  # the step's one host sync
-        if i + 1 == max_new_tokens or n_finished == len(rows):
+        tokens[rows, i], states[rows, i] = token, hidden[:, -1]
+        inputs = token.tolist()  # the step's one host sync: each row's next token, unless it is fed one
+        for j, b in enumerate(rows):
+            if to_feed[b]:  # this step's prediction is not an answer's: feed the follow-up's next id
+                inputs[j] = to_feed[b].pop(0)
+                begin[b] = i + 1
+            elif not done[b] and (inputs[j] == eos_id or i + 1 - begin[b] == max_new_tokens):  # an answer ends
+                turns[b].append((begin[b], i + 1))
+                if len(turns[b]) == 1 and follow_ups[b]:  # its end token is in the cache already, if it ended
+                    to_feed[b] = list(follow_ups[b][1:] if inputs[j] == eos_id else follow_ups[b])
+                else:
+                    done[b] = True
+        if all(done[b] for b in rows):
             break
-        if n_finished * 4 >= len(rows):  # drop finished rows from the batch and the cache
-            alive = ~finished
-            rows, token, real, finished = rows[alive], token[alive], real[alive], finished[alive]
+        alive = [j for j, b in enumerate(rows) if not done[b]]
+        if len(alive) * 4 <= len(rows) * 3:  # drop the rows that are done from the batch and the cache
+            rows, real = [rows[j] for j in alive], real[alive]
             cache.k, cache.v = cache.k[:, alive], cache.v[:, alive]
-        logits, hidden = model(token[:, None], cache, mask=mask(real, cache.length, 1))
+            inputs = [inputs[j] for j in alive]
+        logits, hidden = model(torch.tensor(inputs, device=device)[:, None], cache, mask=mask(real, cache.length, 1))
         cache.length += 1
-    return answers[:, :int(lengths.max())], states[:, :int(lengths.max())], lengths
+    return [[(tokens[b, s:e].tolist(), states[b, s:e]) for s, e in turns[b]] for b in range(B)]
 
 
 def answer_rows(model, tokenizer, rows, cfg, bar=None):
-    """{(line, turn): greedy answer ids} for rows {line: row}: every first turn, then every follow-up
-    after the model's own first answer (a second turn needs the first one's answer: staged). bar: a
-    progress bar counting answers."""
+    """{(line, turn): greedy answer ids} for rows {line: row}: every first turn and, after the model's
+    own first answer, every follow-up, both in one pass (batched_generate). bar: a progress bar counting answers."""
     eos_id = tokenizer.encode("<|im_end|>", allowed_special="all")[0]
+    chats = {line: conversation(tokenizer, row) for line, row in rows.items()}
+    follow_ups = {line: conversation(tokenizer, row, [])[len(chats[line]):] for line, row in rows.items()
+                  if row.get("follow_up")}  # after an empty first answer: its end token, then the next turn
+    lines = sorted(rows, key=lambda line: (line in follow_ups, len(chats[line])))  # similar rows batch well
     answers = {}
-    for turn in (1, 2):
-        chats = sorted(((line, conversation(tokenizer, row, answers[line, 1] if turn == 2 else None))
-                        for line, row in rows.items() if turn == 1 or row.get("follow_up")),
-                       key=lambda chat: len(chat[1]))  # similar lengths batch well
-        for i in range(0, len(chats), cfg.batch_size):
-            batch = chats[i:i + cfg.batch_size]
-            out, _, lengths = batched_generate(model, [ids for _, ids in batch], cfg.max_answer_tokens, eos_id)
-            answers.update({(line, turn): a[:n] for (line, _), a, n in zip(batch, out.tolist(), lengths.tolist())})
-            if bar is not None:
-                bar.update(len(batch))
+    for i in range(0, len(lines), cfg.batch_size):
+        batch = lines[i:i + cfg.batch_size]
+        out = batched_generate(model, [chats[line] for line in batch], cfg.max_answer_tokens, eos_id,
+                               [follow_ups.get(line) for line in batch])
+        answers.update({(line, turn): ids for line, turns in zip(batch, out) for turn, (ids, _) in enumerate(turns, 1)})
+        if bar is not None:
+            bar.update(sum(map(len, out)))
     return answers
 
 

@@ -33,9 +33,8 @@ def main():
                 if r["category"] in ("chat", "writing", "coding") and len(r["prompt"]) < 400][:N_REQUESTS]
     answers = {}
     for system in [SYSTEM_PROMPT] + SYSTEM_PROMPTS:
-        out, _, lengths = batched_generate(model, [chat_prompt(tokenizer, p, system) for p in requests],
-                                           ANSWER_TOKENS, eos_id)
-        answers[system] = [a[:n] for a, n in zip(out.tolist(), lengths.tolist())]
+        out = batched_generate(model, [chat_prompt(tokenizer, p, system) for p in requests], ANSWER_TOKENS, eos_id)
+        answers[system] = [turns[0][0] for turns in out]
     first = answers[SYSTEM_PROMPT]
     print(f"{N_REQUESTS} chat/writing/coding requests, greedy float32 answers of up to {ANSWER_TOKENS} tokens; "
           f"compared with the answer under the default system prompt ({sum(map(len, first)) / N_REQUESTS:.0f} "

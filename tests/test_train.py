@@ -66,20 +66,28 @@ def test_head_targets_stay_on_the_answers_device():
 
 
 def test_batched_generation_equals_greedy_per_prompt():
-    """Left-padded batches, with rows leaving the batch as they finish, answer exactly as `generate`
-    does one prompt at a time; the hidden states are the ones that predicted each token."""
+    """Left-padded batches, with rows leaving the batch as they finish and rows that go on to a second
+    turn fed its ids one per step, answer exactly as `generate` does one chat at a time, first answer
+    and second alike; the hidden states are the ones that predicted each token."""
     model = tiny_gpt()
     torch.manual_seed(1)
     prompts = [torch.randint(0, TINY.vocab_size, (n,)).tolist() for n in (3, 9, 5, 12, 1, 7, 4, 10)]
     reference = [generate(model, p, 20)[0] for p in prompts]
     eos_id = max(set(t for r in reference for t in r), key=lambda t: sum(r.count(t) for r in reference))
-    answers, states, lengths = gen.batched_generate(model, prompts, 20, eos_id)
-    assert len(set(lengths.tolist())) > 2  # rows end at different steps, so some leave the batch early
-    for p, a, s, n in zip(prompts, answers, states, lengths.tolist()):
-        expected = generate(model, p, 20, eos_id=eos_id)[0]
-        assert a[:n].tolist() == expected
-        _, hidden = model(torch.tensor([p + expected[:-1]]))
-        torch.testing.assert_close(s[:n], hidden[0, len(p) - 1:], atol=1e-4, rtol=1e-4)
+    follow_ups = [[eos_id] + torch.randint(0, TINY.vocab_size, (n,)).tolist() if n else None
+                  for n in (4, 0, 1, 6, 3, 0, 2, 5)]
+    out = gen.batched_generate(model, prompts, 20, eos_id, follow_ups)
+    first_lengths = [len(turns[0][0]) for turns in out]
+    assert len(set(first_lengths)) > 2 and 20 in first_lengths  # rows end early and at the cap
+    for prompt, follow_up, turns in zip(prompts, follow_ups, out):
+        chat = list(prompt)
+        assert len(turns) == (2 if follow_up else 1)
+        for ids, states in turns:
+            assert ids == generate(model, chat, 20, eos_id=eos_id)[0]
+            _, hidden = model(torch.tensor([chat + ids[:-1]]))
+            torch.testing.assert_close(states, hidden[0, len(chat) - 1:], atol=1e-4, rtol=1e-4)
+            if follow_up:  # the end token goes in once, whether the answer ended or was cut
+                chat += ids + (follow_up[1:] if ids[-1] == eos_id else follow_up)
 
 
 def test_teacher_forced_states_equal_those_captured_while_generating():
@@ -88,15 +96,15 @@ def test_teacher_forced_states_equal_those_captured_while_generating():
     model, tok = tiny_gpt(config=CHAT), ByteChat()
     rows = prompt_rows(6)
     chats = [conversation(tok, row) for row in rows]
-    answers, states, lengths = gen.batched_generate(model, chats, 12, eos_id=2)
-    first = [a[:n].tolist() for a, n in zip(answers, lengths.tolist())]
-    seconds = [conversation(tok, row, ids) for row, ids in zip(rows, first) if row.get("follow_up")]
-    answers2, states2, lengths2 = gen.batched_generate(model, seconds, 12, eos_id=2)
-    sequences = ([c + a for c, a in zip(chats, first)]
-                 + [c + a[:n].tolist() for c, a, n in zip(seconds, answers2, lengths2)])
-    n_answer = lengths.tolist() + lengths2.tolist()
+    follow_ups = [conversation(tok, row, [])[len(chat):] if row.get("follow_up") else None
+                  for row, chat in zip(rows, chats)]
+    sequences, n_answer, captured = [], [], []
+    for row, chat, turns in zip(rows, chats, gen.batched_generate(model, chats, 12, eos_id=2, follow_ups=follow_ups)):
+        for turn, (ids, states) in enumerate(turns, 1):
+            context = chat if turn == 1 else conversation(tok, row, turns[0][0])
+            sequences.append(context + ids), n_answer.append(len(ids)), captured.append(states)
+    assert len(sequences) == 9  # six first turns, three second ones
     recomputed = teacher_forced_states(model, sequences, n_answer, max_tokens=400)  # several batches
-    captured = [s[:n] for s, n in zip(list(states) + list(states2), n_answer)]
     for r, c in zip(recomputed, captured):
         torch.testing.assert_close(r.float(), c.to(torch.bfloat16).float(), atol=2e-2, rtol=2e-2)
 
@@ -270,9 +278,9 @@ def test_brief_training_raises_accepted_length(spec, draft_vocab):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = TrainConfig(n_heads=3, batch_size=64, lr=3e-3, warmup=10, epochs=20)
     prompts = torch.randint(33, 126, (48, 2)).tolist()
-    answers, states, lengths = gen.batched_generate(model, prompts, 24, eos_id=1)
-    data = {"hidden": torch.cat([s[:n] for s, n in zip(states, lengths)]),
-            "targets": torch.cat([head_targets(a[:n], 3) for a, n in zip(answers, lengths)])}
+    answers = [turns[0] for turns in gen.batched_generate(model, prompts, 24, eos_id=1)]
+    data = {"hidden": torch.cat([states for _, states in answers]),
+            "targets": torch.cat([head_targets(torch.tensor(ids), 3) for ids, _ in answers])}
     heads = CerberusHeads(TINY, n_heads=3, **spec)
     if draft_vocab:
         heads.draft_over(draft_vocabulary(data["targets"], draft_vocab, TINY.vocab_size))
