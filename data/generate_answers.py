@@ -154,7 +154,7 @@ def batched_generate(model, prompts, max_new_tokens, eos_id, follow_ups=None):
                 begin[b] = i + 1
             elif not done[b] and (inputs[j] == eos_id or i + 1 - begin[b] == max_new_tokens):  # an answer ends
                 turns[b].append((begin[b], i + 1))
-                if len(turns[b]) == 1 and follow_ups[b]:  # its end token is in the cache already, if it ended
+                if len(turns[b]) == 1 and follow_ups[b]:  # an answer that ended goes in with its end token
                     to_feed[b] = list(follow_ups[b][1:] if inputs[j] == eos_id else follow_ups[b])
                 else:
                     done[b] = True
