@@ -138,8 +138,11 @@ def batched_generate(model, prompts, max_new_tokens, eos_id, follow_ups=None):
     turns = [[] for _ in range(B)]  # (begin, end) of each answer so far
     begin = [0] * B  # the step that predicts the current answer's first token
     to_feed = [[] for _ in range(B)]  # follow-up ids still to go in before the row answers again
-    done = [False] * B
     rows = list(range(B))  # original index of each row still in the batch
+
+    def done(b):
+        return len(turns[b]) == 1 + bool(follow_ups[b])
+
     cache = KVCache(model.config, S, batch_size=B, device=device, dtype=model.embed.weight.dtype)
     hidden = model.trunk(idx, torch.arange(P, device=device), mask(real, 0, P), cache, slice(0, P))[:, -1:]
     logits = model.lm_head(hidden)  # the last position only: logits everywhere are a fifth of a prefill
@@ -151,16 +154,14 @@ def batched_generate(model, prompts, max_new_tokens, eos_id, follow_ups=None):
         for j, b in enumerate(rows):
             if to_feed[b]:  # this step's prediction is not an answer's: feed the follow-up's next id
                 inputs[j] = to_feed[b].pop(0)
-                begin[b] = i + 1
-            elif not done[b] and (inputs[j] == eos_id or i + 1 - begin[b] == max_new_tokens):  # an answer ends
+            elif not done(b) and (inputs[j] == eos_id or i + 1 - begin[b] == max_new_tokens):  # an answer ends
                 turns[b].append((begin[b], i + 1))
-                if len(turns[b]) == 1 and follow_ups[b]:  # an answer that ended goes in with its end token
+                if not done(b):  # an answer that ended goes in with its end token, so skip the follow-up's
                     to_feed[b] = list(follow_ups[b][1:] if inputs[j] == eos_id else follow_ups[b])
-                else:
-                    done[b] = True
-        if all(done[b] for b in rows):
+                    begin[b] = i + 1 + len(to_feed[b])  # the step that reads the last fed id's prediction
+        alive = [j for j, b in enumerate(rows) if not done(b)]
+        if not alive:
             break
-        alive = [j for j, b in enumerate(rows) if not done[b]]
         if len(alive) * 4 <= len(rows) * 3:  # drop the rows that are done from the batch and the cache
             rows, real = [rows[j] for j in alive], real[alive]
             cache.k, cache.v = cache.k[:, alive], cache.v[:, alive]
