@@ -113,14 +113,17 @@ def native_bfloat16(device):
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
+def resolve_dtype(name, device, option="dtype"):
+    """The dtype name to run in: "auto" is "bfloat16" where the device has it natively, else "float32"."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown {option} {name!r}; choose one of {DTYPES}")
+    return name if name != "auto" else "bfloat16" if native_bfloat16(device) else "float32"
+
+
 def concrete_dtypes(cfg, device):
-    """cfg with each "auto" dtype made bfloat16 or float32 for this device, so that the metrics and the
-    checkpoints record what ran."""
-    for key in ("hidden_dtype", "train_dtype"):
-        if getattr(cfg, key) not in DTYPES:
-            raise ValueError(f"unknown {key} {getattr(cfg, key)!r}; choose one of {DTYPES}")
-    auto = "bfloat16" if native_bfloat16(device) else "float32"
-    return replace(cfg, **{key: auto for key in ("hidden_dtype", "train_dtype") if getattr(cfg, key) == "auto"})
+    """cfg with each "auto" dtype resolved for this device, so that the metrics and the checkpoints record what ran."""
+    keys = ("hidden_dtype", "train_dtype")
+    return replace(cfg, **{key: resolve_dtype(getattr(cfg, key), device, key) for key in keys})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -404,6 +404,7 @@ def test_auto_dtypes_are_bfloat16_only_where_native(monkeypatch):
         cfg = train.concrete_dtypes(TrainConfig(), "cpu")
         assert (cfg.hidden_dtype, cfg.train_dtype) == (expected, expected)
         assert train.concrete_dtypes(TrainConfig(train_dtype="float32"), "cpu").train_dtype == "float32"
+        assert train.resolve_dtype(gen.AnswerConfig().dtype, "cpu") == expected  # the generator's default too
     with pytest.raises(ValueError, match="unknown train_dtype 'fp16'"):
         train.concrete_dtypes(TrainConfig(train_dtype="fp16"), "cpu")
 
