@@ -171,19 +171,26 @@ def batched_generate(model, prompts, max_new_tokens, eos_id, follow_ups=None):
     return [[(tokens[b, s:e].tolist(), states[b, s:e]) for s, e in turns[b]] for b in range(B)]
 
 
+def follow_up_ids(tokenizer, row):
+    """What batched_generate feeds after row's first answer: its end token, then the next user turn up to
+    where the assistant answers (the chat after an empty first answer, less the first turn); None if none."""
+    if not row.get("follow_up"):
+        return None
+    return conversation(tokenizer, row, [])[len(conversation(tokenizer, row)):]
+
+
 def answer_rows(model, tokenizer, rows, cfg, bar=None):
     """{(line, turn): greedy answer ids} for rows {line: row}: every first turn and, after the model's
     own first answer, every follow-up, both in one pass (batched_generate). bar: a progress bar counting answers."""
     eos_id = tokenizer.encode("<|im_end|>", allowed_special="all")[0]
     chats = {line: conversation(tokenizer, row) for line, row in rows.items()}
-    follow_ups = {line: conversation(tokenizer, row, [])[len(chats[line]):] for line, row in rows.items()
-                  if row.get("follow_up")}  # after an empty first answer: its end token, then the next turn
-    lines = sorted(rows, key=lambda line: (line in follow_ups, len(chats[line])))  # similar rows batch well
+    follow_ups = {line: follow_up_ids(tokenizer, row) for line, row in rows.items()}
+    lines = sorted(rows, key=lambda line: (bool(follow_ups[line]), len(chats[line])))  # similar rows batch well
     answers = {}
     for i in range(0, len(lines), cfg.batch_size):
         batch = lines[i:i + cfg.batch_size]
         out = batched_generate(model, [chats[line] for line in batch], cfg.max_answer_tokens, eos_id,
-                               [follow_ups.get(line) for line in batch])
+                               [follow_ups[line] for line in batch])
         answers.update({(line, turn): ids for line, turns in zip(batch, out) for turn, (ids, _) in enumerate(turns, 1)})
         if bar is not None:
             bar.update(sum(map(len, out)))

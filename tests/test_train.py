@@ -96,8 +96,7 @@ def test_teacher_forced_states_equal_those_captured_while_generating():
     model, tok = tiny_gpt(config=CHAT), ByteChat()
     rows = prompt_rows(6)
     chats = [conversation(tok, row) for row in rows]
-    follow_ups = [conversation(tok, row, [])[len(chat):] if row.get("follow_up") else None
-                  for row, chat in zip(rows, chats)]
+    follow_ups = [gen.follow_up_ids(tok, row) for row in rows]
     sequences, n_answer, captured = [], [], []
     for row, chat, turns in zip(rows, chats, gen.batched_generate(model, chats, 12, eos_id=2, follow_ups=follow_ups)):
         for turn, (ids, states) in enumerate(turns, 1):
