@@ -59,6 +59,7 @@ class TrainConfig:
     draft_vocab: int = 16384  # heads draft over the D tokens the backbone writes most often; 0 = all V
     train_dtype: str = "auto"  # dtype of the shared lm_head in the loss (heads keep float32 weights); auto as above
     init_from: str = ""  # "" = heads start fresh; else a folder (heads/) whose <kind>.pt each head set starts from
+    checkpoint_every: int = 500  # steps between saves of out_dir/<heads>.train_state.pt, where a rerun resumes
     seed: int = 0
 
 
@@ -175,7 +176,7 @@ def teacher_forced_states(model, sequences, n_answer, max_tokens=8192):
             batches.append([])
         batches[-1].append(i)
     states = [None] * len(sequences)
-    for batch in tqdm(batches, desc="hidden states", unit="batch", disable=rank() > 0):
+    for batch in tqdm(batches, desc="hidden states", unit="batch", leave=False, disable=rank() > 0):
         idx = pad_sequence([torch.tensor(sequences[i][:-1]) for i in batch], batch_first=True)  # (b, T)
         hidden = model.hidden_states(idx.to(model.embed.weight.device))  # (b, T, C)
         for row, i in enumerate(batch):  # the hidden state at position p predicts token p + 1
@@ -239,7 +240,9 @@ def get_data(model, tokenizer, cfg):
     if len(paths) < world_size():  # every rank needs a shard of its own
         raise ValueError(f"{len(paths)} answer shards in {cfg.answers_dir}; make them with data/generate_answers.py")
     model = copy.deepcopy(model).to(getattr(torch, cfg.hidden_dtype))
-    parts = [shard_data(model, tokenizer, rows, str(p), cfg) for p in paths[rank()::world_size()]]
+    mine = paths[rank()::world_size()]
+    parts = [shard_data(model, tokenizer, rows, str(p), cfg) for p in
+             tqdm(mine, desc="answer shards", unit="shard", disable=rank() > 0 or len(mine) == 1)]
     data = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     return ({k: v[~data["held_out"]] for k, v in data.items()}, {k: v[data["held_out"]] for k, v in data.items()})
 
@@ -269,11 +272,12 @@ def draft_classes(heads, tokens):
     return torch.where(tokens == IGNORE, IGNORE, column[tokens.clamp(min=0)])
 
 
-def train_heads(heads, lm_weight, data, cfg, desc="heads"):
+def train_heads(heads, lm_weight, data, cfg, desc="heads", state_path=None):
     """AdamW with warm-up and cosine decay, one pass (per epoch) over the positions in random order.
-    Under torchrun the heads are wrapped in DDP and every rank trains on its own data shard."""
+    Under torchrun the heads are wrapped in DDP and every rank trains on its own data shard. With a
+    state_path, the heads, optimiser and step are saved there every cfg.checkpoint_every steps and at the
+    end, and a rerun with the same settings goes on from the last save: the steps of one uninterrupted run."""
     torch.manual_seed(cfg.seed)
-    model = torch.nn.parallel.DistributedDataParallel(heads) if world_size() > 1 else heads
     opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=0.0)
     M = len(data["targets"])
     n_steps = cfg.epochs * (M // cfg.batch_size)
@@ -281,10 +285,15 @@ def train_heads(heads, lm_weight, data, cfg, desc="heads"):
         n = torch.tensor(n_steps)
         torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
         n_steps = int(n)
+    run = {**{k: v for k, v in asdict(cfg).items() if k not in ("heads", "out_dir", "checkpoint_every")},
+           "steps": n_steps, "world_size": world_size()}  # what a saved state must match to be continued
+    first_step = load_train_state(state_path, heads, opt, run) if state_path else 0
+    model = torch.nn.parallel.DistributedDataParallel(heads) if world_size() > 1 else heads
     weights = torch.tensor([cfg.head_decay ** k for k in range(cfg.n_heads)])
     draft_weight = heads.draft_weight(lm_weight)  # (D, C)
     order = torch.cat([torch.randperm(M) for _ in range(cfg.epochs)])
-    bar = tqdm(range(n_steps), desc=desc, unit="step", disable=rank() > 0)
+    bar = tqdm(range(first_step, n_steps), desc=desc, unit="step", initial=first_step, total=n_steps,
+               disable=rank() > 0)
     for step in bar:
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / n_steps))
         for group in opt.param_groups:
@@ -301,7 +310,28 @@ def train_heads(heads, lm_weight, data, cfg, desc="heads"):
         opt.step()
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", head1=f"{losses[0].item():.3f}")
+        if state_path and rank() == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == n_steps):
+            state = {"run": run, "step": step + 1, "heads": heads.state_dict(), "optimizer": opt.state_dict()}
+            write_atomically(state_path, lambda tmp: torch.save(state, tmp))
     return heads
+
+
+def load_train_state(path, heads, opt, run):
+    """The step a training state saved at path reached, its heads and optimiser loaded; 0 if there is none."""
+    if not os.path.exists(path):
+        return 0
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"training state {path} is truncated or corrupt ({type(e).__name__}); "
+                         f"delete it to train these heads from the start") from e
+    if state["run"] != run:
+        changed = ", ".join(f"{k} {state['run'].get(k)!r} -> {v!r}" for k, v in run.items() if state["run"].get(k) != v)
+        raise ValueError(f"{path} is a run with other settings ({changed}); rerun with its settings to "
+                         f"continue it, or delete it to train these heads from the start")
+    heads.load_state_dict(state["heads"])
+    opt.load_state_dict(state["optimizer"])
+    return state["step"]
 
 
 @torch.no_grad()
@@ -541,7 +571,8 @@ def train(cfg):
         if vocab is not None:
             heads.draft_over(vocab)
         t0 = time.time()
-        train_heads(heads, lm_weight, train_data, cfg, desc=name)
+        train_heads(heads, lm_weight, train_data, cfg, desc=name,
+                    state_path=os.path.join(cfg.out_dir, f"{name}.train_state.pt"))
         seconds = time.time() - t0
         if rank() != 0:
             continue

@@ -65,7 +65,7 @@ for part in "${@:2}"; do
                       && python3 train.py --recipe=full --heads=cerberus+token+root,medusa+root --init_from=heads \
                          --lr=3e-4 --out_dir=runs/gpu_heads \
                       && mkdir -p "$OUT/answers" "$OUT/heads" && cp data/answers/*.npz "$OUT/answers/" \
-                      && cp runs/gpu_heads/*.pt runs/gpu_heads/metrics.json "$OUT/heads/"' 2>&1 | tee "$OUT/heads.txt" ;;
+                      && cp runs/gpu_heads/*root.pt runs/gpu_heads/metrics.json "$OUT/heads/"' 2>&1 | tee "$OUT/heads.txt" ;;
         *) echo "unknown part $part: lossless, compiled, graphs, sampled, eager or heads" >&2; exit 2 ;;
     esac
 done

@@ -293,6 +293,44 @@ def test_brief_training_raises_accepted_length(spec, draft_vocab):
         assert torch.equal(v, before[k]), k
 
 
+def test_killed_training_resumes_to_the_heads_of_one_uninterrupted_run(tmp_path, monkeypatch):
+    """A run killed after its second save and run again ends with the same heads, bit for bit, as a run
+    that was never stopped; a rerun with other settings is refused, naming what changed."""
+    model = tiny_gpt()
+    data = {"hidden": torch.randn(200, TINY.n_embd), "targets": torch.randint(0, TINY.vocab_size, (200, 4))}
+    cfg = TrainConfig(n_heads=3, batch_size=16, warmup=3, checkpoint_every=4)  # 12 steps, saved at 4, 8, 12
+
+    def train_fresh_heads(cfg, state_path=None):
+        torch.manual_seed(1)
+        heads = CerberusHeads(TINY, n_heads=3, link="token", reads_root=True)
+        return train_heads(heads, model.lm_head.weight, data, cfg, state_path=state_path)
+
+    whole = train_fresh_heads(cfg)
+    path = str(tmp_path / "cerberus.train_state.pt")
+    losses_computed, cross_entropy = [], F.cross_entropy
+
+    def killed_in_step_10(*args, **kwargs):  # three heads, three losses a step
+        losses_computed.append(1)
+        if len(losses_computed) > 9 * 3:
+            raise KeyboardInterrupt
+        return cross_entropy(*args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(F, "cross_entropy", killed_in_step_10)
+        with pytest.raises(KeyboardInterrupt):
+            train_fresh_heads(cfg, path)
+    assert torch.load(path, weights_only=True)["step"] == 8
+    resumed = train_fresh_heads(cfg, path)
+    assert torch.load(path, weights_only=True)["step"] == 12
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match=r"other settings \(lr 0.001 -> 0.002\); rerun with its settings"):
+        train_fresh_heads(dataclasses.replace(cfg, lr=0.002), path)
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        train_fresh_heads(cfg, path)
+
+
 def test_checkpoint_round_trip_and_refusals(tmp_path):
     model = tiny_gpt()
     heads = MedusaHeads(TINY, n_heads=3, n_layers=2)
@@ -424,7 +462,7 @@ def test_torchrun_ddp_on_two_cpu_processes(tmp_path, monkeypatch):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(os.listdir(out)) == ["cerberus.pt", "hidden", "metrics.json"]
+    assert sorted(os.listdir(out)) == ["cerberus.pt", "cerberus.train_state.pt", "hidden", "metrics.json"]
     assert sorted(os.listdir(out / "hidden")) == ["00000.pt", "00001.pt"]  # one shard per rank
     heads, ckpt = load_heads(str(out / "cerberus.pt"), model)
     assert heads.n_heads == 2 and "threshold" in ckpt["gate"] and len(heads.vocab) == 100
