@@ -331,6 +331,15 @@ def write_atomically(path, write):
     os.replace(tmp, path)
 
 
+def read_checkpoint(path, what, fix):
+    """torch.load of a file written by torch.save (tensors and plain values), on the CPU; a ValueError that
+    names it (`what` and path) and the fix when it is truncated or corrupt."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{what} {path} is truncated or corrupt ({type(e).__name__}); {fix}") from e
+
+
 def save_heads(path, heads, backbone, extra):
     """Write heads (half precision) with their spec and the backbone's fingerprint, atomically."""
     state = {k: (v.half() if v.is_floating_point() else v).detach().cpu() for k, v in heads.state_dict().items()}
@@ -342,11 +351,7 @@ def load_heads(path, model):
     """(heads in float32, checkpoint dict) for this backbone, or a ValueError that says why not."""
     if not os.path.isfile(path):
         raise ValueError(f"no heads checkpoint at {path}; train some with `python train.py`")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"heads checkpoint {path} is truncated or corrupt ({type(e).__name__}); "
-                         f"train again or restore it (git checkout -- {path})") from e
+    ckpt = read_checkpoint(path, "heads checkpoint", f"train again or restore it (git checkout -- {path})")
     if ckpt.get("backbone") != model.fingerprint():
         raise ValueError(f"heads in {path} were trained for another backbone (fingerprint "
                          f"{ckpt.get('backbone')} != {model.fingerprint()}); train heads for this model")

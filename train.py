@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from cerberus import (Tree, build_heads, entropy, head_logits, load_heads, parameter_count, save_heads,
-                      write_atomically)
+from cerberus import (Tree, build_heads, entropy, head_logits, load_heads, parameter_count, read_checkpoint,
+                      save_heads, write_atomically)
 from model import SYSTEM_PROMPT, cache_for, chat_prompt, linear, load_gguf, load_smollm2
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -320,13 +320,10 @@ def load_train_state(path, heads, opt, run):
     """The step a training state saved at path reached, its heads and optimiser loaded; 0 if there is none."""
     if not os.path.exists(path):
         return 0
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"training state {path} is truncated or corrupt ({type(e).__name__}); "
-                         f"delete it to train these heads from the start") from e
+    state = read_checkpoint(path, "training state", "delete it to train these heads from the start")
     if state["run"] != run:
-        changed = ", ".join(f"{k} {state['run'].get(k)!r} -> {v!r}" for k, v in run.items() if state["run"].get(k) != v)
+        changed = ", ".join(f"{k} {state['run'].get(k)!r} -> {v!r}" for k, v in run.items()
+                            if state["run"].get(k) != v)
         raise ValueError(f"{path} is a run with other settings ({changed}); rerun with its settings to "
                          f"continue it, or delete it to train these heads from the start")
     heads.load_state_dict(state["heads"])
