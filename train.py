@@ -322,8 +322,8 @@ def load_train_state(path, heads, opt, run):
         return 0
     state = read_checkpoint(path, "training state", "delete it to train these heads from the start")
     if state["run"] != run:
-        changed = ", ".join(f"{k} {state['run'].get(k)!r} -> {v!r}" for k, v in run.items()
-                            if state["run"].get(k) != v)
+        changed = ", ".join(f"{k} {state['run'].get(k)!r} -> {run.get(k)!r}" for k in {**state["run"], **run}
+                            if state["run"].get(k) != run.get(k))  # a setting either side lacks reads None
         raise ValueError(f"{path} is a run with other settings ({changed}); rerun with its settings to "
                          f"continue it, or delete it to train these heads from the start")
     heads.load_state_dict(state["heads"])

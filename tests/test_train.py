@@ -325,6 +325,11 @@ def test_killed_training_resumes_to_the_heads_of_one_uninterrupted_run(tmp_path,
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match=r"other settings \(lr 0.001 -> 0.002\); rerun with its settings"):
         train_fresh_heads(dataclasses.replace(cfg, lr=0.002), path)
+    state = torch.load(path, weights_only=True)  # saved by a version that had a setting this one dropped
+    state["run"]["dropped_flag"] = 1
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"other settings \(dropped_flag 1 -> None\)"):
+        train_fresh_heads(cfg, path)
     with open(path, "r+b") as f:
         f.truncate(1000)
     with pytest.raises(ValueError, match="truncated or corrupt"):
