@@ -52,7 +52,7 @@ class TrainConfig:
     hidden_dtype: str = "auto"  # backbone dtype that recomputes the hidden states; auto = bfloat16 where native
     holdout: float = 0.05  # share of prompt lines (every 1/holdout-th, both turns) held out for accuracy and the gate
     batch_size: int = 256  # positions per optimiser step
-    epochs: int = 1  # fresh data beats extra epochs
+    epochs: int = 1  # fresh data beats extra epochs; 0 = no training: evaluate and calibrate --init_from heads
     lr: float = 1e-3
     warmup: int = 50  # steps of linear warm-up, then cosine decay to 0
     head_decay: float = 0.8  # loss weight of head k is head_decay ** (k - 1)
@@ -285,6 +285,8 @@ def train_heads(heads, lm_weight, data, cfg, desc="heads", state_path=None):
         n = torch.tensor(n_steps)
         torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
         n_steps = int(n)
+    if n_steps == 0:  # --epochs=0: the --init_from heads as they are, to evaluate and calibrate on this data
+        return heads
     run = {**{k: v for k, v in asdict(cfg).items() if k not in ("heads", "out_dir", "checkpoint_every")},
            "steps": n_steps, "world_size": world_size()}  # what a saved state must match to be continued
     first_step = load_train_state(state_path, heads, opt, run) if state_path else 0

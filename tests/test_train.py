@@ -384,6 +384,21 @@ def test_fine_tuning_starts_from_a_folders_heads_of_the_same_spec(tmp_path):
         starting_weights(str(tmp_path / "elsewhere"), fresh, model)
 
 
+def test_zero_epochs_leave_the_starting_heads_as_they_are(tmp_path):
+    """--epochs=0 takes no step: the --init_from heads come back bit for bit, to be evaluated and calibrated
+    on this data (a smaller draft vocabulary, another device), and no training state is written."""
+    model = tiny_gpt()
+    heads = perturb(CerberusHeads(TINY, n_heads=2, reads_root=True, link="token"), 0)
+    before = {k: v.clone() for k, v in heads.state_dict().items()}
+    data = {"hidden": torch.randn(64, TINY.n_embd), "targets": torch.randint(0, TINY.vocab_size, (64, 3))}
+    state_path = tmp_path / "cerberus.train_state.pt"
+    cfg = TrainConfig(n_heads=2, batch_size=16, epochs=0)
+    train_heads(heads, model.lm_head.weight, data, cfg, state_path=str(state_path))
+    for k, v in heads.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not state_path.exists()
+
+
 def test_draft_vocabulary_is_the_most_written_tokens_and_indexes_targets():
     targets = head_targets(torch.tensor([7, 7, 7, 3, 3, 9, 200]), n_heads=2)  # column 0: the answer
     assert draft_vocabulary(targets, 2, 256).tolist() == [3, 7]  # the two most frequent, sorted by id
