@@ -56,7 +56,7 @@ class TrainConfig:
     lr: float = 1e-3
     warmup: int = 50  # steps of linear warm-up, then cosine decay to 0
     head_decay: float = 0.8  # loss weight of head k is head_decay ** (k - 1)
-    draft_vocab: int = 16384  # heads draft over the D tokens the backbone writes most often; 0 = all V
+    draft_vocab: int = 4096  # heads draft over the D tokens the backbone writes most often; 0 = all V
     train_dtype: str = "auto"  # dtype of the shared lm_head in the loss (heads keep float32 weights); auto as above
     init_from: str = ""  # "" = heads start fresh; else a folder (heads/) whose <kind>.pt each head set starts from
     checkpoint_every: int = 500  # steps between saves of out_dir/<heads>.train_state.pt, where a rerun resumes

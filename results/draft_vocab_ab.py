@@ -1,8 +1,8 @@
-"""A/B of the draft vocabulary: the same shipped Cerberus heads draft over the whole 49,152-token
-lm_head, or over their draft vocabulary (the tokens the backbone wrote most often in the training
-answers, stored in the checkpoint by train.py), taking turns per prompt on 8 MT-Bench prompts x 128
-tokens, 4-node tree, no gate, bfloat16 drafts (the benchmark's setting on this CPU). Verification is
-the same, so both emit AR's tokens; only the drafts' cost and any lost candidates differ.
+"""A/B of the draft vocabulary's size inside the decode loop: the same Cerberus heads drafting over two
+vocabularies (the 16,384 tokens they were fine-tuned over and the 4,096 most written of them, ranked by
+results/draft_vocab_trim.py's counts), with AR as the baseline, taking turns on each MT-Bench prompt (24 x 128
+tokens, float32 backbone, bfloat16 drafts, no gate) for a 2-node and a 4-node tree. Verification is the same,
+so every arm emits AR's tokens; only the drafts' cost and the candidates lost differ.
 
     python results/draft_vocab_ab.py > results/draft_vocab_ab.txt
 """
@@ -16,39 +16,49 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-
+sys.path.insert(0, os.path.join(ROOT, "results"))
 from bench import load_prompts  # noqa: E402
-from cerberus import Tree, generate  # noqa: E402
+from cerberus import Decoder, Tree, load_heads  # noqa: E402
+from draft_vocab_trim import training_tokens  # noqa: E402
 from model import load_smollm2  # noqa: E402
-from cerberus import load_heads  # noqa: E402
+from train import draft_vocabulary  # noqa: E402
+
+SIZES, N_PROMPTS, MAX_NEW_TOKENS = (16384, 4096), 24, 128
+TREES = {"2-node": Tree([(0,)]), "4-node": Tree([(0,), (1,), (0, 0)])}
 
 
+@torch.no_grad()
 def main():
     model, tokenizer = load_smollm2()
-    heads, _ = load_heads(os.path.join(ROOT, "heads", "cerberus.pt"), model)
-    heads = heads.to(torch.bfloat16)
-    whole = copy.deepcopy(heads)
-    whole.vocab = None
-    lm_weight = model.lm_head.weight.to(torch.bfloat16)
-    arms = {"whole vocabulary": whole, f"{heads.n_draft_tokens} draft tokens": heads}
-    settings = {arm: dict(heads=h, tree=Tree([(0,), (1,), (0, 0)]), draft_weight=h.draft_weight(lm_weight))
-                for arm, h in arms.items()}
-    prompts = load_prompts(os.path.join(ROOT, "..", "shared", "data", "mt_bench.jsonl"), tokenizer, 8)
+    shipped, _ = load_heads(os.path.join(ROOT, "heads", "cerberus.pt"), model)
+    tokens = training_tokens()
+    head_sets = {size: copy.deepcopy(shipped).draft_over(draft_vocabulary(tokens, size, model.config.vocab_size))
+                 .to(torch.bfloat16) for size in SIZES}
+    prompts = load_prompts(os.path.join(ROOT, "..", "shared", "data", "mt_bench.jsonl"), tokenizer, N_PROMPTS)
     eos_id = tokenizer.encode("<|im_end|>", allowed_special="all")[0]
-    totals = {arm: defaultdict(float) for arm in arms}
-    for kwargs in settings.values():  # warm-up, untimed
-        generate(model, prompts[0]["ids"], 16, **kwargs)
-    for prompt in prompts:
-        for arm, kwargs in settings.items():
-            t0 = time.perf_counter()
-            _, stats = generate(model, prompt["ids"], 128, eos_id=eos_id, **kwargs)
-            totals[arm]["seconds"] += time.perf_counter() - t0
-            totals[arm]["steps"] += stats.steps
-            totals[arm]["tokens"] += stats.new_tokens
-    print(f"8 MT-Bench prompts x 128 tokens, float32 backbone, bfloat16 drafts, torch {torch.__version__}")
-    for arm, t in totals.items():
-        print(f"{arm:>18}: tau {t['tokens'] / t['steps']:.3f}, {1e3 * t['seconds'] / t['steps']:.2f} ms per step "
-              f"(prefill included), {t['tokens'] / t['seconds']:.1f} tok/s")
+    max_len = max(len(p["ids"]) for p in prompts) + MAX_NEW_TOKENS + 8
+    print(f"{N_PROMPTS} MT-Bench prompts x {MAX_NEW_TOKENS} tokens, float32 backbone, bfloat16 drafts, no gate, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.2f}")
+    for tree_name, tree in TREES.items():
+        arms = {"ar": Decoder(model, max_len=max_len)}
+        arms |= {f"{size} draft tokens": Decoder(model, heads, tree, max_len=max_len) for size, heads in head_sets.items()}
+        for decoder in arms.values():  # warm-up, untimed
+            decoder.generate(prompts[0]["ids"], 16, eos_id=eos_id)
+        totals = {arm: defaultdict(float) for arm in arms}
+        for prompt in prompts:
+            for arm, decoder in arms.items():
+                t0 = time.perf_counter()
+                out, stats = decoder.generate(prompt["ids"], MAX_NEW_TOKENS, eos_id=eos_id)
+                totals[arm]["seconds"] += time.perf_counter() - t0
+                totals[arm]["steps"] += stats.steps
+                totals[arm]["tokens"] += len(out)
+                totals[arm]["ids"] = totals[arm].get("ids", 0) + hash(tuple(out))
+        print(f"\n{tree_name} tree {[list(p) for p in tree.paths]}")
+        ar = totals["ar"]
+        for arm, t in totals.items():
+            same = "same tokens as AR" if t["ids"] == ar["ids"] else "OTHER TOKENS THAN AR"
+            print(f"  {arm:>18}: tau {t['tokens'] / t['steps']:.3f}, {1e3 * t['seconds'] / t['steps']:6.2f} ms per step "
+                  f"(prefill included), {t['tokens'] / t['seconds']:5.1f} tok/s, {ar['seconds'] / t['seconds']:.3f}x AR, {same}")
 
 
 if __name__ == "__main__":

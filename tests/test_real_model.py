@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from cerberus import CerberusHeads, MedusaHeads, Tree, generate, load_heads
 from conftest import perturb
+from train import TrainConfig
 from model import KVCache, chat_prompt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +82,7 @@ def test_shipped_heads_load_for_the_packaged_backbone(smollm):
     reference, _ = generate(model, prompt, 16, eos_id=2)
     for name in ("cerberus", "medusa"):
         heads, ckpt = load_heads(os.path.join(ROOT, "heads", f"{name}.pt"), model)
-        assert heads.spec["kind"] == name and heads.n_heads == 4 and heads.n_draft_tokens == 16384
+        assert heads.spec["kind"] == name and heads.n_heads == 4 and heads.n_draft_tokens == TrainConfig().draft_vocab
         tree = Tree(ckpt["gate"]["tree"])
         assert tree.max_depth <= heads.n_heads and ckpt["gate"]["threshold"] >= 0
         ids, _ = generate(model, prompt, 16, heads=heads, tree=tree, gate_threshold=ckpt["gate"]["threshold"], eos_id=2)
