@@ -431,7 +431,8 @@ def test_cli_help_lists_every_flag_with_its_default_and_comment(capsys):
     assert exit_.value.code == 0
     lines = capsys.readouterr().out.splitlines()[1:]
     assert len(lines) == len(dataclasses.fields(TrainConfig))
-    assert any(line.split() == ["--epochs=1", "fresh", "data", "beats", "extra", "epochs"] for line in lines)
+    assert any(line.split() == ["--draft_vocab=4096", "heads", "draft", "over", "the", "D", "tokens", "the", "backbone",
+                                "writes", "most", "often;", "0", "=", "all", "V"] for line in lines)
     assert "--seed=0" in lines[-1]
 
 
