@@ -44,7 +44,7 @@ def main():
         arms |= {f"{size} draft tokens": Decoder(model, heads, tree, max_len=max_len) for size, heads in head_sets.items()}
         for decoder in arms.values():  # warm-up, untimed
             decoder.generate(prompts[0]["ids"], 16, eos_id=eos_id)
-        totals = {arm: defaultdict(float) for arm in arms}
+        totals, outputs = {arm: defaultdict(float) for arm in arms}, {arm: [] for arm in arms}
         for prompt in prompts:
             for arm, decoder in arms.items():
                 t0 = time.perf_counter()
@@ -52,11 +52,11 @@ def main():
                 totals[arm]["seconds"] += time.perf_counter() - t0
                 totals[arm]["steps"] += stats.steps
                 totals[arm]["tokens"] += len(out)
-                totals[arm]["ids"] = totals[arm].get("ids", 0) + hash(tuple(out))
+                outputs[arm].append(out)
         print(f"\n{tree_name} tree {[list(p) for p in tree.paths]}")
         ar = totals["ar"]
         for arm, t in totals.items():
-            same = "same tokens as AR" if t["ids"] == ar["ids"] else "OTHER TOKENS THAN AR"
+            same = "same tokens as AR" if outputs[arm] == outputs["ar"] else "OTHER TOKENS THAN AR"
             print(f"  {arm:>18}: tau {t['tokens'] / t['steps']:.3f}, {1e3 * t['seconds'] / t['steps']:6.2f} ms per step "
                   f"(prefill included), {t['tokens'] / t['seconds']:5.1f} tok/s, {ar['seconds'] / t['seconds']:.3f}x AR, {same}")
 

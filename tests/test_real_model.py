@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from cerberus import CerberusHeads, MedusaHeads, Tree, generate, load_heads
 from conftest import perturb
-from train import TrainConfig
 from model import KVCache, chat_prompt
+from train import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
