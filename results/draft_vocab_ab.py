@@ -9,21 +9,19 @@ so every arm emits AR's tokens; only the drafts' cost and the candidates lost di
 import copy
 import os
 import sys
-import time
-from collections import defaultdict
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "results"))
-from bench import load_prompts  # noqa: E402
 from cerberus import Decoder, Tree, load_heads  # noqa: E402
 from draft_vocab_trim import training_tokens  # noqa: E402
+from heads_ab import MAX_NEW_TOKENS, N_PROMPTS, interleaved, mt_bench_prompts, print_arms  # noqa: E402
 from model import load_smollm2  # noqa: E402
 from train import draft_vocabulary  # noqa: E402
 
-SIZES, N_PROMPTS, MAX_NEW_TOKENS = (16384, 4096), 24, 128
+SIZES = (16384, 4096)
 TREES = {"2-node": Tree([(0,)]), "4-node": Tree([(0,), (1,), (0, 0)])}
 
 
@@ -34,31 +32,16 @@ def main():
     tokens = training_tokens()
     head_sets = {size: copy.deepcopy(shipped).draft_over(draft_vocabulary(tokens, size, model.config.vocab_size))
                  .to(torch.bfloat16) for size in SIZES}
-    prompts = load_prompts(os.path.join(ROOT, "..", "shared", "data", "mt_bench.jsonl"), tokenizer, N_PROMPTS)
-    eos_id = tokenizer.encode("<|im_end|>", allowed_special="all")[0]
+    prompts, eos_id = mt_bench_prompts(tokenizer)
     max_len = max(len(p["ids"]) for p in prompts) + MAX_NEW_TOKENS + 8
     print(f"{N_PROMPTS} MT-Bench prompts x {MAX_NEW_TOKENS} tokens, float32 backbone, bfloat16 drafts, no gate, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.2f}")
     for tree_name, tree in TREES.items():
         arms = {"ar": Decoder(model, max_len=max_len)}
         arms |= {f"{size} draft tokens": Decoder(model, heads, tree, max_len=max_len) for size, heads in head_sets.items()}
-        for decoder in arms.values():  # warm-up, untimed
-            decoder.generate(prompts[0]["ids"], 16, eos_id=eos_id)
-        totals, outputs = {arm: defaultdict(float) for arm in arms}, {arm: [] for arm in arms}
-        for prompt in prompts:
-            for arm, decoder in arms.items():
-                t0 = time.perf_counter()
-                out, stats = decoder.generate(prompt["ids"], MAX_NEW_TOKENS, eos_id=eos_id)
-                totals[arm]["seconds"] += time.perf_counter() - t0
-                totals[arm]["steps"] += stats.steps
-                totals[arm]["tokens"] += len(out)
-                outputs[arm].append(out)
+        totals, outputs = interleaved(arms, prompts, eos_id)
         print(f"\n{tree_name} tree {[list(p) for p in tree.paths]}")
-        ar = totals["ar"]
-        for arm, t in totals.items():
-            same = "same tokens as AR" if outputs[arm] == outputs["ar"] else "OTHER TOKENS THAN AR"
-            print(f"  {arm:>18}: tau {t['tokens'] / t['steps']:.3f}, {1e3 * t['seconds'] / t['steps']:6.2f} ms per step "
-                  f"(prefill included), {t['tokens'] / t['seconds']:5.1f} tok/s, {ar['seconds'] / t['seconds']:.3f}x AR, {same}")
+        print_arms(totals, outputs)
 
 
 if __name__ == "__main__":
