@@ -632,7 +632,7 @@ plt.show()
 md("s6", r"""
 **Exercises.** Write down your prediction first, then run the cell.
 
-1. The best 32-node tree (`Tree.best(acc, 32)`) against the shipped 4-node one: how many more tokens per
+1. The best 32-node tree (`Tree.best(acc, 32)`) against the shipped tree: how many more tokens per
    forward? Would it pay on this CPU (section 4)?
 2. The gate at 0.5 nats: what share of steps will be AR, and what happens to tau? (Look at section 2's
    entropy plot before you answer.)
