@@ -5,6 +5,8 @@ over down: per-head top-1 on the backbone's AR answers
 to MT-Bench's first turns (drafts in bfloat16, as the benchmark runs them), and the cost of one step's drafts
 at 1-4 heads on this CPU (fastest of 7 rounds, the calibration's clock). A draft outside the D tokens is
 never made: acceptance can fall, the output cannot change.
+It measures the heads shipped from 59dc7ed to 9af6736 (later heads drafted over other shards' counts; the script
+stops on them): `git checkout 9af6736 -- heads` first, then
     python results/draft_vocab_trim.py > results/draft_vocab_trim.txt
 """
 import copy
@@ -35,6 +37,13 @@ def training_tokens(n_shards=11):
     return torch.tensor(tokens)[:, None]
 
 
+def check_counts(heads, tokens, vocab_size):
+    """Stops unless these token counts rank the heads' own draft vocabulary first: the heads they were made for."""
+    if not torch.equal(draft_vocabulary(tokens, heads.n_draft_tokens, vocab_size), heads.vocab.cpu()):
+        raise SystemExit("these counts do not give the heads' draft vocabulary: not the heads this script measured; "
+                         "git checkout 9af6736 -- heads")
+
+
 @torch.no_grad()
 def main():
     model, tokenizer = load_smollm2()
@@ -47,8 +56,7 @@ def main():
     for kind in ("cerberus", "medusa"):
         shipped, _ = load_heads(os.path.join(ROOT, "heads", f"{kind}.pt"), model)
         shipped = shipped.to(torch.bfloat16)
-        if not torch.equal(draft_vocabulary(tokens, shipped.n_draft_tokens, V), shipped.vocab.cpu()):
-            raise SystemExit("these counts do not give the shipped draft vocabulary: not the data it was made from")
+        check_counts(shipped, tokens, V)
         print(f"\n{kind} heads {shipped.spec}")
         print(f"{'D':>6} {'MT-Bench in D':>13} " + " ".join(f"{f'head{k} top-1':>12}" for k in range(1, 5))
               + " " + " ".join(f"{f'drafts d={d}':>12}" for d in range(1, 5)))

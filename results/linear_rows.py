@@ -55,15 +55,15 @@ def main():
     table = {"model.linear": [pass_ms(linear, weights, r) for r in ROWS],
              "F.linear": [pass_ms(F.linear, weights, r) for r in ROWS]}
     if hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        def onednn(x, packed_weight):
+            return torch.ops.mkldnn._linear_pointwise(x, packed_weight, None, "none", [None], "")
         x = torch.randn(4, weights[0].shape[1])
         packed = torch.ops.mkldnn._reorder_linear_weight(weights[0], 4)
-        out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [None], "")
-        torch.testing.assert_close(out, F.linear(x, weights[0]), rtol=1e-4, atol=1e-4)  # the same product
+        torch.testing.assert_close(onednn(x, packed), F.linear(x, weights[0]), rtol=1e-4, atol=1e-4)  # same product
         table["oneDNN"] = []
         for r in ROWS:  # packed for this many rows, as inductor packs for a known batch
             packed = [torch.ops.mkldnn._reorder_linear_weight(w, r) for w in weights]  # same shapes as weights
-            table["oneDNN"].append(pass_ms(
-                lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], ""), packed, r))
+            table["oneDNN"].append(pass_ms(onednn, packed, r))
     for name, times in table.items():
         print(f"{name:>14}" + "".join(f"{t:8.2f}" for t in times))
     two = table["model.linear"][ROWS.index(2)]
