@@ -381,6 +381,17 @@ def accepted_lengths(ranks, tree):
 # ----------------------------------------------------------------------------------------------
 # Gate calibration: which tree and which entropy threshold pay on this device.
 
+CALIBRATION_POSITIONS = 2 ** 17  # held-out positions a checkpoint keeps for the benchmark to re-calibrate on
+
+
+def calibration_sample(calibration):
+    """The held-out entropies and ranks {name: (M, ...)} thinned to at most CALIBRATION_POSITIONS evenly spaced
+    positions (every category keeps its share): the heads' files stay small however much is held out."""
+    n = len(calibration["ranks"])
+    keep = torch.linspace(0, n - 1, min(n, CALIBRATION_POSITIONS)).round().long()
+    return {name: values[keep] for name, values in calibration.items()}
+
+
 def timed(fn):
     """(fn(), wall seconds), draining the GPU queue around the clock: the project's one clock."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -584,7 +595,7 @@ def train(cfg):
         calibration = {"entropy": backbone_entropy.half(), "head1_entropy": signals["head1"].half(), "ranks": ranks}
         save_heads(os.path.join(cfg.out_dir, f"{name}.pt"), heads, model,
                    {"gate": result["gate"], "held_out": result["held_out"], "train_config": asdict(cfg),
-                    "calibration": calibration})  # lets the benchmark re-calibrate for its own device
+                    "calibration": calibration_sample(calibration)})  # for the benchmark to re-calibrate
         print(f"{name}: {result['params']:,} params, {seconds:.0f}s, tree {len(result['gate']['tree']) + 1} nodes, "
               f"threshold {result['gate']['threshold']:.3f} on {result['gate']['gate_on']}")
         for category, acc in {"all held-out": result["held_out"], **result["held_out_by_category"]}.items():

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from cerberus import CerberusHeads, MedusaHeads, Tree, generate, load_heads, save_heads
 from conftest import TINY, perturb, tiny_gpt, write_gguf
 from model import SYSTEM_PROMPT, GPT, GPTConfig, load_gguf
-from train import (CATEGORIES, IGNORE, NO_TARGET, TrainConfig, accuracy_by_category, calibrate, conversation,
-                   draft_classes, draft_vocabulary, get_data, head_set_spec, head_targets, parse_cli, read_shard,
-                   shard_data, starting_weights, target_ranks, teacher_forced_states, train_config, train_heads)
+from train import (CATEGORIES, IGNORE, NO_TARGET, TrainConfig, accuracy_by_category, calibrate, calibration_sample,
+                   conversation, draft_classes, draft_vocabulary, get_data, head_set_spec, head_targets, parse_cli,
+                   read_shard, shard_data, starting_weights, target_ranks, teacher_forced_states, train_config,
+                   train_heads)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "data"))
@@ -506,6 +507,18 @@ def test_calibration_gates_off_the_hard_positions():
     assert gate["est_speedup"] > 1.2  # gated: 1.30x; always AR: 1.00x; always parallel: 1.5 / 1.6 = 0.94x
     curve = gate["entropy_curve"]
     assert curve[0]["accepted"] == 2.0 and curve[-1]["accepted"] == 0.0
+
+
+def test_stored_calibration_is_thinned_evenly_to_its_cap(monkeypatch):
+    """A checkpoint keeps at most CALIBRATION_POSITIONS held-out positions, spread over all of them, each
+    position's entropies and ranks together; fewer are kept whole."""
+    import train
+    monkeypatch.setattr(train, "CALIBRATION_POSITIONS", 4)
+    calibration = {"entropy": torch.arange(10.0), "ranks": torch.arange(10)[:, None].repeat(1, 2)}
+    thinned = calibration_sample(calibration)
+    assert thinned["entropy"].tolist() == [0.0, 3.0, 6.0, 9.0] and thinned["ranks"][:, 1].tolist() == [0, 3, 6, 9]
+    few = {name: values[:3] for name, values in calibration.items()}
+    assert all(torch.equal(calibration_sample(few)[name], few[name]) for name in few)
 
 
 def test_calibration_picks_the_signal_that_separates_and_prices_a_head1_gate():
