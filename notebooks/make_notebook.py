@@ -146,8 +146,8 @@ n_new, best, _, *nodes = packed.tolist()  # tokens committed, accepted node, gat
 path = tree.on_path[best]  # the accepted nodes, root..best
 bonus = int(decoder.root)  # the backbone's token after the last accepted node: the next root
 assert nodes == propose(drafts, torch.tensor([root]), tree, heads.vocab).tolist()  # the tree the heads filled
-tokens = f"{n_new} token{'s' * (n_new > 1)}"
-print(f"accepted nodes {path}: {tok.decode([nodes[i] for i in path])!r} ({tokens} from one forward), then the bonus {show(bonus)}")
+print(f"accepted nodes {path}: {tok.decode([nodes[i] for i in path])!r} ({n_new} token{'s' * (n_new > 1)} "
+      f"from one forward), then the bonus {show(bonus)}")
 """)
 
 code("s1", r"""
