@@ -6,9 +6,9 @@ weights, far past any cache) at 1-8 rows, three ways:
   oneDNN        torch.ops.mkldnn._linear_pointwise on weights packed for it in advance (what inductor's CPU
                 freezing uses; an internal op, tried here as the alternative and not used by the model)
 Times are the fastest of 5 rounds, each one pass over the 30 blocks, in ms. Then the question that decides it,
-on whole forwards (attention, norms and the lm_head included; train.step_costs, fastest of 7 rounds taking turns):
-a step of T tokens with model.linear everywhere, and with the hybrid (oneDNN from 3 rows, model.linear below).
-Nothing else should run.
+on whole forwards (attention, norms and the lm_head included; train.step_costs: the sizes take turns, fastest of
+7 rounds): a step of T tokens with model.linear everywhere, then with the hybrid (oneDNN from 3 rows, model.linear
+below), then model.linear again to show the machine's drift. Nothing else should run.
     python results/linear_rows.py > results/linear_rows.txt
 """
 import os
