@@ -290,14 +290,16 @@ class Sampling:
 
 def warp(logits, sampling):
     """(N, V) logits -> (N, V) unnormalised probabilities: divide by the temperature, keep the top_k most likely,
-    then the fewest of those whose share of their mass reaches top_p (the one crossing it kept); 0 elsewhere."""
+    then the fewest of those whose share of their mass reaches top_p (the one crossing it kept, and any token
+    exactly as likely); 0 elsewhere."""
     p = (logits.float() / sampling.temperature).softmax(-1)
     if sampling.top_k == 0 and sampling.top_p == 1:
         return p
-    top, ids = p.topk(sampling.top_k or p.shape[-1], dim=-1)  # (N, k), most likely first
+    top = p.topk(sampling.top_k or p.shape[-1], dim=-1).values  # (N, k), most likely first
     before = top.cumsum(-1) - top  # mass of the more likely tokens
-    top = top * (before < sampling.top_p * top.sum(-1, keepdim=True))
-    return torch.zeros_like(p).scatter(-1, ids, top)
+    n_kept = (before < sampling.top_p * top.sum(-1, keepdim=True)).sum(-1, keepdim=True)  # (N, 1), at least 1
+    floor = top.gather(-1, n_kept - 1)  # (N, 1): the least likely kept probability
+    return p * (p >= floor)  # a threshold, not a scatter back to the ids: inductor (2.11, CUDA) fails on that
 
 
 def uniform(seed, position, n):

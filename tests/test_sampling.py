@@ -132,6 +132,14 @@ def test_choose_draws_only_kept_tokens_and_depends_on_seed_and_position_only():
     assert not torch.equal(choose(logits, position, seed + 1, sampling), draws)
 
 
+def test_nucleus_keeps_tokens_tied_with_the_last_kept_one():
+    """top_p cuts by probability, not by position in a sort: four equal tokens at top_p 0.5 are all kept, and
+    of [0.4, 0.3, 0.2, 0.1] at top_p 0.6 the first two (0.4 falls short, 0.7 reaches it)."""
+    assert torch.equal(warp(torch.zeros(1, 4), Sampling(1.0, top_p=0.5)) > 0, torch.ones(1, 4, dtype=torch.bool))
+    kept = warp(torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log(), Sampling(1.0, top_p=0.6)) > 0
+    assert kept.tolist() == [[True, True, False, False]]
+
+
 def test_bad_sampling_arguments_are_value_errors():
     model = tiny_gpt()
     for kwargs, message in [(dict(temperature=-0.5), "temperature must be >= 0"),
