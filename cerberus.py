@@ -290,8 +290,8 @@ class Sampling:
 
 def warp(logits, sampling):
     """(N, V) logits -> (N, V) unnormalised probabilities: divide by the temperature, keep the top_k most likely,
-    then the fewest of those whose share of their mass reaches top_p (the one crossing it kept, and any token
-    exactly as likely); 0 elsewhere."""
+    then the fewest of those whose share of their mass reaches top_p (the one crossing it kept); 0 elsewhere.
+    A token exactly as likely as the last one kept is kept too."""
     p = (logits.float() / sampling.temperature).softmax(-1)
     if sampling.top_k == 0 and sampling.top_p == 1:
         return p
