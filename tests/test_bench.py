@@ -130,10 +130,11 @@ def test_an_ungated_cerberus_arm_is_not_timed_twice(tiny, capsys, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit internals that inductor imports
-def test_compiled_arms_reproduce_ar_and_report_one_graph_per_step_kind(tiny):
+def test_compiled_arms_reproduce_ar_and_report_one_graph_per_step_kind_and_prompt_length(tiny):
     """--compile: each decoder's step compiled whole (token-linked heads here, the kind with a loop);
-    the tokens stay AR's, compile_stats come from torch's counters: one graph for AR's decoder and one
-    per step kind for Cerberus's, no break, nothing compiled while timed."""
+    the tokens stay AR's, compile_stats come from torch's counters: one graph for AR's decoder, one
+    per step kind for Cerberus's and one prompt forward that both share (both prompts pad to one length),
+    no break, nothing compiled while timed."""
     model, tokenizer, head_sets, prompts = tiny
     token_linked = perturb(CerberusHeads(CONFIG, n_heads=3, link="token"), 2)
     head_sets = dict(head_sets, cerberus=(token_linked, head_sets["cerberus"][1]))
@@ -141,7 +142,7 @@ def test_compiled_arms_reproduce_ar_and_report_one_graph_per_step_kind(tiny):
     summary = bench.bench(cfg, model, tokenizer, head_sets)
     assert summary["compile"] is True
     assert all(r["match_rate"] == 1.0 for r in summary["arms"].values())
-    assert summary["compile_stats"] == {"graphs": 3, "graph_breaks": 0, "recompiles": 0, "cudagraph_skips": None}
+    assert summary["compile_stats"] == {"graphs": 4, "graph_breaks": 0, "recompiles": 0, "cudagraph_skips": None}
 
 
 def test_sampled_arms_draw_ar_samplings_tokens(tiny, capsys):

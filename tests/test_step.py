@@ -11,7 +11,7 @@ from torch._inductor.utils import get_first_incompatible_cudagraph_node
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cerberus import CerberusHeads, Decoder, MedusaHeads, Sampling, Tree, generate
+from cerberus import CerberusHeads, Decoder, MedusaHeads, Sampling, Tree, forward_prompt, generate
 from conftest import TINY, perturb, tiny_gpt
 from test_cerberus import PROMPT, mid_threshold
 
@@ -101,6 +101,34 @@ def test_step_compiles_whole_and_never_recompiles():
         assert sampling.temperature > 0 or len(accepted) >= 3, accepted
     assert len(graphs) == 4 and not counters["graph_break"]
     assert [get_first_incompatible_cudagraph_node(gm) for gm in graphs] == [None] * 4
+
+
+@torch.no_grad()
+def test_compiled_prompts_pad_to_a_few_lengths_each_one_graph_cuda_graphs_accept():
+    """Compiled, a prompt's forward runs padded to 64, 128, ... tokens (at most the cache or the context): a few
+    graphs cover every prompt. The padding changes nothing before it (causal attention): the real tokens' keys,
+    values and last logits are the unpadded forward's; and no node is one CUDA graphs refuse."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    model = tiny_gpt(0)
+    assert [Decoder(model, max_len=100).prompt_slots(P) for P in (1, 64, 65)] == [1, 64, 65]  # eager: as given
+    decoder = Decoder(model, max_len=100).compile()  # lazy: nothing compiles before a call
+    assert [decoder.prompt_slots(P) for P in (1, 64, 65, 99)] == [64, 64, 100, 100]
+    assert Decoder(model, max_len=300).compile().prompt_slots(65) == 128 == TINY.block_size  # the context caps it
+    padded_forward = torch.compile(forward_prompt, fullgraph=True, dynamic=False,
+                                   backend=aot_autograd(fw_compiler=capture))
+    for P in (5, 60, 70):
+        tokens, last = torch.randint(0, TINY.vocab_size, (P,)), torch.tensor([P - 1])
+        padding = tokens.new_zeros(decoder.prompt_slots(P) - P)
+        k, v, logits, hidden = padded_forward(model, torch.cat([tokens, padding]), last)
+        k0, v0, logits0, hidden0 = forward_prompt(model, tokens, last)
+        for padded, unpadded in [(k[..., :P, :], k0), (v[..., :P, :], v0), (logits, logits0), (hidden, hidden0)]:
+            torch.testing.assert_close(padded, unpadded)
+    assert len(graphs) == 2  # 64 and 100 slots
+    assert [get_first_incompatible_cudagraph_node(gm) for gm in graphs] == [None] * 2
 
 
 @torch.no_grad()
