@@ -393,7 +393,8 @@ class Decoder(nn.Module):
         check_parts(model, heads, tree, gate_on)
         device, dtype = model.embed.weight.device, model.embed.weight.dtype
         self.model, self.gate_on, self.sampling = model, gate_on, sampling
-        self.add_module("heads", heads)  # a submodule slot even when None: every Decoder has the same attributes
+        self.add_module("heads", heads)  # a submodule slot even when None, so that dynamo's guards tell Decoders
+        # with and without heads apart by value (skip_guard_eval_unsafe keeps only such guards)
         self.forward_prompt, self.min_prompt_slots = forward_prompt, None  # compile(): a compiled one, padded prompts
         self.tree, self.root_only = (tree or Tree([])).to(device), Tree([]).to(device)
         if heads is not None:  # (D, C): the lm_head rows the heads draft through, one copy in their dtype

@@ -47,7 +47,7 @@ def main():
                 decoder.prefill(torch.tensor(prompt, device=device))
                 sync(device)
                 prefill_s, start = time.perf_counter() - start, time.perf_counter()
-                ids, stats = decoder.generate(prompt, N_TOKENS)
+                stats = decoder.generate(prompt, N_TOKENS)[1]
                 sync(device)
                 step_ms = 1e3 * (time.perf_counter() - start - prefill_s) / stats.steps
                 with profile(activities=activities) as prof:
