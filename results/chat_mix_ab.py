@@ -1,7 +1,7 @@
 """Do heads guess MT-Bench better when their training leans toward chat? MT-Bench's first turns are open
-requests (writing, roleplay, explanations), and the shipped heads guess head 1 there about as well as on the
-held-out chat, writing and coding lines of the training mix, below the mix's copy-heavy summarising, translation
-and document tasks (results/head1_predictability.py). Both arms continue the shipped Cerberus heads
+requests (writing, roleplay, explanations), where the shipped heads guess head 1 less often than on any
+category of the training mix; on its held-out lines the chat, writing and coding ones score below the
+summarising, translation and document tasks (results/train_ftall.log). Both arms continue the shipped Cerberus heads
 (+token+root, their own draft vocabulary) for the same steps, lr 3e-4, on the full recipe's cached hidden states
 (runs/ftall/hidden, all 63 shards): one on positions of every category, one on chat, writing and coding only.
 Held-out (per category) and MT-Bench (results/mt_bench_heads.py's positions) top-1, in float32. No timing.
