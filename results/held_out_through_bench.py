@@ -44,7 +44,8 @@ def head1(heads, lm_weight, data, categories):
 def main():
     model, tokenizer = load_smollm2()
     model.eval()
-    cfg, rows = TrainConfig(), read_prompts(TrainConfig().prompts)
+    cfg = TrainConfig()
+    rows = read_prompts(cfg.prompts)
     lines = held_out_lines(rows, cfg)
     heads = load_heads(os.path.join(ROOT, "heads", "cerberus.pt"), model)[0].to(torch.bfloat16)
     lm_weight = model.lm_head.weight.to(torch.bfloat16)

@@ -8,7 +8,6 @@ the difference lies.
 import os
 import statistics
 import sys
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -17,14 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from cerberus import Decoder, Tree, load_heads  # noqa: E402
 from model import chat_prompt, load_smollm2  # noqa: E402
+from train import timed  # noqa: E402
 
 QUESTION = "Explain how photosynthesis works in plants, step by step."
-
-
-def timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -39,9 +33,9 @@ def main(n_steps=80):
     tree.prefill(prompt)
     times = {"AR step (no heads)": [], "tree step": [], "draft alone": []}
     for _ in range(n_steps):
-        times["AR step (no heads)"].append(timed(lambda: ar.step(False)))
-        times["tree step"].append(timed(lambda: tree.step(True)))
-        times["draft alone"].append(timed(tree.draft))
+        times["AR step (no heads)"].append(timed(lambda: ar.step(False))[1])
+        times["tree step"].append(timed(lambda: tree.step(True))[1])
+        times["draft alone"].append(timed(tree.draft)[1])
     print(f"{n_steps} interleaved steps, wall ms (median, min):")
     for name, t in times.items():
         print(f"  {name:<19} {statistics.median(t) * 1e3:6.2f}  {min(t) * 1e3:6.2f}")
