@@ -79,7 +79,7 @@ class DraftHeads(nn.Module):
                              "lm_head row of the backbone's next token (head_logits(..., root_vec=lm_weight[ids]))")
         if self.root_weight is None:
             return h
-        return h + F.silu(torch.cat([h, root_vec.reshape(h.shape)], -1) @ self.root_weight.mT + self.root_bias)
+        return h + F.silu(linear(torch.cat([h, root_vec.reshape(h.shape)], -1), self.root_weight) + self.root_bias)
 
 
 class MedusaHeads(DraftHeads):
@@ -132,7 +132,7 @@ class CerberusHeads(DraftHeads):
             return self.project(s, draft_weight)
         x_prev, logits = root_vec.reshape(h.shape), []
         for k in range(n):
-            s_k = z[k] + F.silu(torch.cat([z[k], x_prev], -1) @ self.w2[k].mT + self.b2[k])  # (M, C)
+            s_k = z[k] + F.silu(linear(torch.cat([z[k], x_prev], -1), self.w2[k]) + self.b2[k])  # (M, C)
             logits.append(self.project(s_k, draft_weight))  # (M, D)
             if k + 1 < n:  # what head k+1 reads; the last head has no successor
                 p_top, top = logits[-1].detach().float().softmax(-1).max(-1)  # (M,): head k's top-1, its probability
