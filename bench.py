@@ -311,6 +311,8 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
         raise ValueError(f"--repeat={cfg.repeat}: the timed rounds must be 1 or more (3 gives a median and a spread)")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device={cfg.device}, but this PyTorch sees no CUDA GPU; use --device=cpu")
+    if cfg.draft_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--draft_dtype={cfg.draft_dtype}: the heads draft in float32 or bfloat16")
     device, dtype, draft_dtype = torch.device(cfg.device), getattr(torch, cfg.dtype), getattr(torch, cfg.draft_dtype)
     if model is None:
         model, tokenizer = load_smollm2()

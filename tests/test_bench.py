@@ -215,6 +215,8 @@ def test_unknown_arm_gate_or_device_is_a_clear_error(tiny):
         bench.bench(BenchConfig(arms="ar,eagle", prompts=prompts), model, tokenizer, head_sets)
     with pytest.raises(ValueError, match="'backbone' .* or 'head1'"):
         bench.bench(BenchConfig(gate_on="head2", prompts=prompts), model, tokenizer, head_sets)
+    with pytest.raises(ValueError, match="--draft_dtype=float16: the heads draft in float32 or bfloat16"):
+        bench.bench(BenchConfig(draft_dtype="float16", prompts=prompts), model, tokenizer, head_sets)
     with pytest.raises(ValueError, match="--repeat=0: the timed rounds must be 1 or more"):
         bench.bench(BenchConfig(repeat=0, prompts=prompts), model, tokenizer, head_sets)
     with pytest.raises(ValueError, match="--gate_on=head1 needs --threshold"):
