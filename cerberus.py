@@ -396,6 +396,8 @@ class Decoder(nn.Module):
         self.add_module("heads", heads)  # a submodule slot even when None, so that dynamo's guards tell Decoders
         # with and without heads apart by value (skip_guard_eval_unsafe keeps only such guards)
         self.forward_prompt, self.min_prompt_slots = forward_prompt, None  # compile(): a compiled one, padded prompts
+        self.fixed_shapes = False  # eager steps attend over the committed slots only; compile() (or whoever
+        # compiles `step` by hand) sets True: all max_len slots, shapes that never change
         self.tree, self.root_only = (tree or Tree([])).to(device), Tree([]).to(device)
         if heads is not None:  # (D, C): the lm_head rows the heads draft through, one copy in their dtype
             self.draft_weight = heads.to(device).draft_weight(model.lm_head.weight).to(next(heads.parameters()).dtype)
@@ -444,19 +446,21 @@ class Decoder(nn.Module):
         signal = entropy(self.drafts[:1] if self.gate_on == "head1" else logits)  # (1,)
         return (signal < self.threshold).long(), signal
 
-    def step(self, parallel):
+    def step(self, parallel, n_slots=None):
         """One decode step, a tree step (parallel=True) or an AR step, advancing the state in place. Returns
         (3 + N,) long: the number of new tokens, the accepted node, the gate's choice for the next step,
-        the N node tokens (the new tokens are the accepted node's path); and the entropy the gate read."""
+        the N node tokens (the new tokens are the accepted node's path); and the entropy the gate read.
+        n_slots: attend over the first n_slots cache slots (at least length + N) rather than all max_len."""
         tree = self.tree if parallel else self.root_only
+        cache = self.cache if n_slots is None else self.cache.first(n_slots)
         L = self.length  # (1,) committed tokens
         tokens = self.root.clone()  # (1,): settle overwrites the root below
         if parallel:
             drafts = self.drafts if self.gate_on == "head1" else self.draft()
             tokens = propose(drafts, self.root, tree, self.heads.vocab)  # (N,)
         position = L + tree.depth  # (N,) siblings share a position
-        mask = tree.mask(L, self.cache.max_len)  # (N, max_len)
-        logits, hidden = self.model.layers(tokens[None], position, mask, self.cache, L + torch.arange(
+        mask = tree.mask(L, cache.max_len)  # (N, n_slots)
+        logits, hidden = self.model.layers(tokens[None], position, mask, cache, L + torch.arange(
             tree.n_nodes, device=L.device))
         target = choose(logits[0], position + 1, self.seed, self.sampling)  # (N,) the backbone's own next tokens
         best = verify(tokens, target, tree)  # (1,)
@@ -473,6 +477,7 @@ class Decoder(nn.Module):
         with the other Decoders of the backbone. mode="reduce-overhead" replays each as a CUDA graph."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # 2 graphs a Decoder
         self.step = torch.compile(self.step, fullgraph=True, dynamic=False, mode=mode)
+        self.fixed_shapes = True  # every step attends over all max_len slots: one graph a tree
         if mode not in _compiled_forward_prompt:
             _compiled_forward_prompt[mode] = torch.compile(forward_prompt, fullgraph=True, dynamic=False, mode=mode)
         self.forward_prompt, self.min_prompt_slots = _compiled_forward_prompt[mode], min_prompt_slots
@@ -488,12 +493,14 @@ class Decoder(nn.Module):
         self.seed.fill_(seed)
         self.threshold.fill_(gate_threshold)
         parallel, signal = self.prefill(prompt)
-        parallel = bool(parallel)
+        parallel, length = bool(parallel), len(prompt)  # length: committed tokens, as the device counts them
         out, stats = [], Stats(trace=[] if trace else None)
         while len(out) < max_new_tokens and eos_id not in out[-1:]:
             gate = float(signal) if trace and self.heads is not None else None  # extra reads: trace only
-            packed, signal = self.step(parallel)
+            n_slots = None if self.fixed_shapes else length + (self.tree if parallel else self.root_only).n_nodes
+            packed, signal = self.step(parallel, n_slots)
             n_new, best, parallel_next, *tokens = packed.tolist()  # the step's one host read
+            length += n_new
             nodes = self.tree.on_path[best] if parallel else [0]  # root..the accepted node
             new = [tokens[i] for i in nodes]
             if eos_id in new:

@@ -60,6 +60,13 @@ class KVCache:
     def max_len(self):
         return self.k.shape[3]
 
+    def first(self, n_slots):
+        """This cache seen through its first n_slots slots: views, so that writes land in it, and attention
+        over fewer slots costs less."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.length = self.k[:, :, :, :n_slots], self.v[:, :, :, :n_slots], self.length
+        return view
+
     def move(self, src, dst):
         """Copy the K/V of slots src to slots dst, (n,) index tensors, in every layer: after a tree
         step this packs the accepted path's scattered slots right after the committed tokens. The

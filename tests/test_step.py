@@ -89,6 +89,7 @@ def test_step_compiles_whole_and_never_recompiles():
         decoder = Decoder(model, heads, Tree.preset("sparse16"), sampling=sampling, max_len=96)
         decoder.step = torch.compile(decoder.step, fullgraph=True, dynamic=False,
                                      backend=aot_autograd(fw_compiler=capture))
+        decoder.fixed_shapes = True  # what Decoder.compile sets: every step attends over all max_len slots
         warm = decoder.generate(PROMPT, 30, gate_threshold=threshold)[1]
         assert 0 < warm.ar_steps < warm.steps
         accepted = set()
