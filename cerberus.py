@@ -497,7 +497,7 @@ class Decoder(nn.Module):
         out, stats = [], Stats(trace=[] if trace else None)
         while len(out) < max_new_tokens and eos_id not in out[-1:]:
             gate = float(signal) if trace and self.heads is not None else None  # extra reads: trace only
-            n_slots = None if self.fixed_shapes else length + (self.tree if parallel else self.root_only).n_nodes
+            n_slots = None if self.fixed_shapes else length + self.tree.n_nodes  # an AR step's 1 node fits too
             packed, signal = self.step(parallel, n_slots)
             n_new, best, parallel_next, *tokens = packed.tolist()  # the step's one host read
             length += n_new

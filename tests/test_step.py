@@ -71,6 +71,24 @@ def test_one_host_read_per_step_and_no_data_dependent_shape(heads, gate_on, temp
     assert step_ops["mm"] > 0 and not DATA_DEPENDENT & set(step_ops), DATA_DEPENDENT & set(step_ops)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_eager_steps_over_the_committed_slots_decode_as_steps_over_every_slot(temperature):
+    """generate's eager steps attend over the committed slots plus the tree's (n_slots); fixed_shapes, as compiled,
+    over all max_len. Same tokens and accepted lengths, AR and tree steps alike, and the gate's entropies up to
+    float rounding (sums over fewer slots); a slot count off by one would hide a committed token or a node's own slot."""
+    model, heads = tiny_gpt(0), perturb(CerberusHeads(TINY, 3, link="token", reads_root=True), 1)
+    threshold = mid_threshold(model, heads)
+    runs = []
+    for fixed_shapes in (False, True):
+        decoder = Decoder(model, heads, Tree.preset("sparse16"), sampling=Sampling(temperature), max_len=128)
+        decoder.fixed_shapes = fixed_shapes
+        ids, stats = decoder.generate(PROMPT, 40, gate_threshold=threshold, seed=3, trace=True)
+        runs.append((ids, stats.accept_lengths, torch.tensor([step["gate"] for step in stats.trace])))
+        assert 0 < stats.ar_steps < stats.steps
+    assert runs[0][:2] == runs[1][:2]
+    torch.testing.assert_close(runs[0][2], runs[1][2])
+
+
 def test_step_compiles_whole_and_never_recompiles():
     """fullgraph=True, dynamic=False: the step is one graph with no break; after one warm-up prompt with
     both kinds of step, 20+ steps of other prompts, lengths, seeds and accepted lengths (0 to 3: zero-init
