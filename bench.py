@@ -93,23 +93,21 @@ def parse_tree(spec):
 
 def recalibrate(head_sets, costs, lm_weight, tree=None):
     """Re-choose each head set's tree and gate (signal, threshold) for the step costs measured here, from the
-    held-out entropies and target ranks in its checkpoint: a tree that pays on one device may lose on another.
+    held-out positions in its checkpoint (entropies, target ranks, task categories): a tree that pays on one
+    device may lose on another.
     With `tree` only the gate is chosen; without costs or that data the stored gate stays. Returns new head sets."""
     out = {}
     for name, (heads, ckpt) in head_sets.items():
         where = "as stored"
         if costs is not None and "calibration" in ckpt:
-            data = ckpt["calibration"]
-            signals = {"backbone": data["entropy"].float()}
-            if "head1_entropy" in data:  # heads trained before head-1 gates existed store only the backbone's
-                signals["head1"] = data["head1_entropy"].float()
-            ckpt = {**ckpt, "gate": calibrate(data["ranks"], signals, costs, draft_costs(heads, lm_weight), tree)}
+            ckpt = {**ckpt, "gate": calibrate(ckpt["calibration"], costs, draft_costs(heads, lm_weight), tree)}
             where = "re-calibrated for the step costs here"
         spec, gate = heads.spec, ckpt["gate"]
         kind = ", ".join([spec["kind"], f"{spec['n_layers']} block(s)"] + ["reads the root"] * spec["reads_root"]
                          + ["token link"] * (spec.get("link") == "token") + [f"{heads.n_draft_tokens} draft tokens"])
         print(f"  {name} heads ({kind}): tree of {len(gate['tree']) + 1} nodes, threshold {gate['threshold']:.3f} nats "
-              f"on {gate.get('gate_on', 'backbone')}, est. speedup {gate.get('est_speedup', math.nan):.2f}x ({where})")
+              f"on {gate.get('gate_on', 'backbone')}, est. speedup {gate.get('est_speedup', math.nan):.2f}x, "
+              f"{gate.get('est_speedup_slowest_category', math.nan):.2f}x on the slowest task category ({where})")
         if "entropy_curve" in gate:
             print_entropy_curve(gate["entropy_curve"], gate["threshold"])
         out[name] = (heads, ckpt)

@@ -378,6 +378,31 @@ def accepted_lengths(ranks, tree):
     return best
 
 
+def answer_bounds(ranks):
+    """(starts, ends), (N,) each, of the answers laid end to end in these rows: an answer's last row is the
+    one where head 1 has no target (rows after the last such row count as one more answer)."""
+    ends = (ranks[:, 0] == NO_TARGET).nonzero().flatten() + 1
+    if len(ends) == 0 or ends[-1] != len(ranks):
+        ends = torch.cat([ends, torch.tensor([len(ranks)])])
+    return torch.cat([ends.new_zeros(1), ends[:-1]]), ends
+
+
+def decode_steps(gain, parallel, starts, ends):
+    """Walk every answer as greedy decoding does (it emits exactly these answers): a step at row i is a tree
+    step yielding gain[i] tokens where parallel[i], else an AR step yielding one; the next step starts at the
+    row after them. gain (M,), parallel (G, M) for G gates -> (tree steps, AR steps), (G, N) each."""
+    G, N = len(parallel), len(starts)
+    at = starts.expand(G, N).clone()  # (G, N) the row each answer's next step starts at
+    tree_steps, ar_steps = torch.zeros(G, N, dtype=torch.long), torch.zeros(G, N, dtype=torch.long)
+    while (live := at < ends).any():
+        row = at.clamp(max=len(gain) - 1)
+        tree = parallel.gather(1, row) & live
+        tree_steps += tree
+        ar_steps += live & ~tree
+        at += torch.where(tree, gain[row], 1) * live
+    return tree_steps, ar_steps
+
+
 # ----------------------------------------------------------------------------------------------
 # Gate calibration: which tree and which entropy threshold pay on this device.
 
@@ -385,10 +410,12 @@ CALIBRATION_POSITIONS = 2 ** 17  # held-out positions a checkpoint keeps for the
 
 
 def calibration_sample(calibration):
-    """The held-out entropies and ranks {name: (M, ...)} thinned to at most CALIBRATION_POSITIONS evenly spaced
-    positions (every category keeps its share): the heads' files stay small however much is held out."""
-    n = len(calibration["ranks"])
-    keep = torch.linspace(0, n - 1, min(n, CALIBRATION_POSITIONS)).round().long()
+    """The held-out positions {name: (M, ...)} thinned to about CALIBRATION_POSITIONS: whole answers, evenly
+    spaced, so that every category keeps its share and the calibration can walk each answer as decoding does.
+    The heads' files stay small however much is held out."""
+    starts, ends = answer_bounds(calibration["ranks"])
+    stride = math.ceil(len(calibration["ranks"]) / CALIBRATION_POSITIONS)
+    keep = torch.cat([torch.arange(s, e) for s, e in zip(starts[::stride].tolist(), ends[::stride].tolist())])
     return {name: values[keep] for name, values in calibration.items()}
 
 
@@ -435,20 +462,26 @@ def draft_costs(heads, lm_weight):
                     for d in range(1, heads.n_heads + 1)})
 
 
-def calibrate(ranks, entropies, costs, drafting, tree=None):
+def calibrate(held_out, costs, drafting, tree=None):
     """Pick the tree, the gate's signal and its threshold that maximise estimated tokens per second.
 
-    entropies: {gate_on: (M,) entropies} at the held-out positions, "backbone" (next-token
-    distribution) and optionally "head1" (head 1's); a bare tensor means the backbone's. costs:
-    {T: seconds} of a backbone forward; drafting: {depth: seconds} of the heads. For each candidate
-    tree size, the best tree for the measured rank accuracies (Tree.best), or only `tree` when one is
-    given (costs must then hold its size); then, for each signal and each threshold at its entropy
-    quantiles, speed = tokens / time where a position below the threshold costs a tree step (drafts +
-    forward) and yields 1 + accepted tokens, else an AR step and 1 token. A head-1 gate runs the heads
-    before it decides, so its AR steps pay the drafts too. Positions stand in for steps: an estimate,
-    which the benchmark then measures.
+    held_out: held-out answers laid end to end, {"ranks" (M, K) target ranks, "entropy" (M,) of the backbone's
+    next-token distribution, optionally "head1_entropy" (M,) of head 1's and "category" (M,) task category}.
+    costs: {T: seconds} of a backbone forward; drafting: {depth: seconds} of the heads. For each candidate tree
+    size, the best tree for the measured rank accuracies (Tree.best), or only `tree` when one is given (costs
+    must then hold its size); then, for each signal and each threshold at its entropy quantiles, decoding walks
+    every answer (decode_steps): a step where the signal is below the threshold is a tree step (drafts +
+    forward) and yields 1 + accepted tokens, else an AR step and 1 token. A head-1 gate runs the heads before
+    it decides, so its AR steps pay the drafts too. The pick maximises the slowest category's tokens per
+    second: a deeper tree that wins on the easy passage tasks must not lose on open requests.
     """
-    signals = entropies if isinstance(entropies, dict) else {"backbone": entropies}
+    ranks = held_out["ranks"]
+    signals = {gate_on: held_out[key].float() for gate_on, key in (("backbone", "entropy"), ("head1", "head1_entropy"))
+               if key in held_out}
+    starts, ends = answer_bounds(ranks)
+    n_tokens = (ends - starts).float()  # (N,) what every walk emits
+    category = held_out.get("category", torch.zeros(len(ranks), dtype=torch.uint8))[starts]  # (N,)
+    groups = [category == c for c in category.unique()]  # (N,) masks, one a category
     max_depth = len(drafting)
     valid = ranks != NO_TARGET
     accuracy_table = [[float(((ranks[:, k] == r) & valid[:, k]).float().sum() / valid[:, k].sum().clamp(min=1))
@@ -459,20 +492,22 @@ def calibrate(ranks, entropies, costs, drafting, tree=None):
     candidates = [tree] if tree is not None else [Tree.best(accuracy_table, n) for n in sorted(costs) if n >= 2]
     best = None
     for candidate, (gate_on, signal) in itertools.product(candidates, signals.items()):
-        gain = 1 + accepted_lengths(ranks, candidate).float()  # tokens a tree step would yield
+        gain = 1 + accepted_lengths(ranks, candidate)  # (M,) tokens a tree step at each row would yield
+        thresholds = [0.0] + torch.quantile(signal, torch.linspace(0, 1, 21))[1:-1].tolist() + [math.inf]
+        tree_steps, ar_steps = decode_steps(gain, signal < torch.tensor(thresholds)[:, None], starts, ends)
         tree_cost = costs[candidate.n_nodes] + drafting[candidate.max_depth]
-        ar_cost = costs[1] + (drafting[candidate.max_depth] if gate_on == "head1" else 0.0)
-        quantiles = torch.quantile(signal, torch.linspace(0, 1, 21)).tolist()
-        for threshold in [0.0] + quantiles[1:-1] + [math.inf]:
-            parallel = signal < threshold
-            tokens = torch.where(parallel, gain, torch.ones_like(gain)).sum()
-            seconds = parallel.sum() * tree_cost + (~parallel).sum() * (costs[1] if threshold == 0 else ar_cost)
-            speed = float(tokens / seconds)  # threshold 0: always AR, no heads run
-            if best is None or speed > best["est_tok_s"]:
-                tau = float(gain[parallel].mean()) if parallel.any() else 1.0
-                best = {"tree": [list(p) for p in candidate.paths], "threshold": threshold, "gate_on": gate_on,
-                        "est_tok_s": speed, "est_speedup": speed * costs[1], "est_tau_parallel": tau,
-                        "entropy_curve": entropy_curve(signal, gain - 1)}
+        gated_ar_cost = costs[1] + (drafting[candidate.max_depth] if gate_on == "head1" else 0.0)
+        ar_cost = torch.tensor([costs[1]] + [gated_ar_cost] * (len(thresholds) - 1))[:, None]  # 0: no heads run
+        seconds = tree_steps * tree_cost + ar_steps * ar_cost  # (G, N)
+        slowest = torch.stack([n_tokens[g].sum() / seconds[:, g].sum(1) for g in groups]).amin(0)  # (G,) tokens/s
+        g = int(slowest.argmax())
+        if best is None or float(slowest[g]) * costs[1] > best["est_speedup_slowest_category"]:
+            speed, n_tree = float(n_tokens.sum() / seconds[g].sum()), int(tree_steps[g].sum())
+            best = {"tree": [list(p) for p in candidate.paths], "threshold": thresholds[g], "gate_on": gate_on,
+                    "est_tok_s": speed, "est_speedup": speed * costs[1],
+                    "est_speedup_slowest_category": float(slowest[g]) * costs[1],
+                    "est_tau_parallel": float(n_tokens.sum() - ar_steps[g].sum()) / n_tree if n_tree else 1.0,
+                    "entropy_curve": entropy_curve(signal, gain - 1)}
     return {**best, "step_costs": {str(k): v for k, v in costs.items()},
             "draft_costs": {str(k): v for k, v in drafting.items()}, "accuracy_table": accuracy_table}
 
@@ -587,12 +622,12 @@ def train(cfg):
         if rank() != 0:
             continue
         ranks = target_ranks(heads, lm_weight, held_out, cfg.n_heads)
-        signals = {"backbone": backbone_entropy, "head1": head1_entropy(heads, lm_weight, held_out)}
+        calibration = {"ranks": ranks, "entropy": backbone_entropy.half(), "category": held_out["category"],
+                       "head1_entropy": head1_entropy(heads, lm_weight, held_out).half()}
         result = {"params": parameter_count(heads), "train_seconds": round(seconds, 1),
                   "held_out": accuracy(ranks), "held_out_by_category": accuracy_by_category(ranks, held_out),
-                  "gate": calibrate(ranks, signals, costs, draft_costs(heads, lm_weight))}
+                  "gate": calibrate(calibration, costs, draft_costs(heads, lm_weight))}
         metrics["heads"][name] = result
-        calibration = {"entropy": backbone_entropy.half(), "head1_entropy": signals["head1"].half(), "ranks": ranks}
         save_heads(os.path.join(cfg.out_dir, f"{name}.pt"), heads, model,
                    {"gate": result["gate"], "held_out": result["held_out"], "train_config": asdict(cfg),
                     "calibration": calibration_sample(calibration)})  # for the benchmark to re-calibrate

@@ -60,7 +60,8 @@ def main():
         ungated = float(gain.mean()) * costs[1] / (costs[tree.n_nodes] + drafting[tree.max_depth])
         print(f"\n== tree {tree_name}: no gate, est. speedup {ungated:.3f}x, tau {float(gain.mean()):.2f}")
         for gate_on, signal in signals.items():  # calibrate prices the drafts into a head-1 gate's AR steps
-            gate = calibrate(ranks, {gate_on: signal.float()}, costs, drafting, tree)
+            key = "entropy" if gate_on == "backbone" else "head1_entropy"
+            gate = calibrate({"ranks": ranks, key: signal}, costs, drafting, tree)
             print(f"{gate_on + ' entropy':>17}: best threshold {gate['threshold']:.3f} nats, est. speedup "
                   f"{gate['est_speedup']:.3f}x, est. tau of parallel steps {gate['est_tau_parallel']:.2f}")
             print_entropy_curve(gate["entropy_curve"], gate["threshold"])

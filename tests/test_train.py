@@ -2,6 +2,7 @@
 backbone, heads that learn, accuracy by category, checkpoints, DDP."""
 import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
@@ -502,22 +503,44 @@ def test_calibration_gates_off_the_hard_positions():
     easy = gate_entropy < 1.0  # heads 1 and 2 right (rank 0) exactly at the easy positions
     ranks = torch.where(easy[:, None], 0, 200).repeat(1, 2).to(torch.uint8)
     costs = {1: 1.0, 2: 1.4, 3: 1.5, 4: 1.6}
-    gate = calibrate(ranks, gate_entropy, costs, drafting={1: 0.05, 2: 0.1})
+    gate = calibrate({"ranks": ranks, "entropy": gate_entropy}, costs, drafting={1: 0.05, 2: 0.1})
     assert 0.5 < gate["threshold"] < 2.0 and gate["tree"] == [[0], [0, 0]]
     assert gate["est_speedup"] > 1.2  # gated: 1.30x; always AR: 1.00x; always parallel: 1.5 / 1.6 = 0.94x
     curve = gate["entropy_curve"]
     assert curve[0]["accepted"] == 2.0 and curve[-1]["accepted"] == 0.0
 
 
-def test_stored_calibration_is_thinned_evenly_to_its_cap(monkeypatch):
-    """A checkpoint keeps at most CALIBRATION_POSITIONS held-out positions, spread over all of them, each
-    position's entropies and ranks together; fewer are kept whole."""
+def test_calibration_walks_answers_and_picks_the_tree_that_pays_on_its_slowest_category():
+    """Answers of 8 tokens: seven of every eight easy (heads 1 and 2 always right), one hard (head 1 right on
+    its first four rows, head 2 never). Walking them as decoding does, the 3-node chain takes 3 steps on an
+    easy answer, the 2-node tree 4, and both 6 on a hard one, where the chain's dearer steps lose. Over all
+    answers the chain is fastest; given the categories, the pick is the 2-node tree."""
+    row, answer = torch.arange(64) % 8, torch.arange(64) // 8  # 8 answers of 8 rows
+    hard = answer == 7
+    head1 = torch.where(hard & (row >= 4), 200, 0).masked_fill(row == 7, NO_TARGET)  # no token after the last
+    head2 = torch.where(hard, 200, 0).masked_fill(row >= 6, NO_TARGET)
+    held_out = {"ranks": torch.stack([head1, head2], dim=1).to(torch.uint8), "entropy": torch.ones(64)}
+    costs, drafting = {1: 1.0, 2: 1.05, 3: 1.25}, {1: 0.01, 2: 0.02}  # a step: 2 nodes 1.06, chain 1.27
+    gate = calibrate(held_out, costs, drafting)
+    assert gate["tree"] == [[0], [0, 0]] and gate["est_speedup"] == pytest.approx(64 / (27 * 1.27))
+    gate = calibrate({**held_out, "category": hard.to(torch.uint8)}, costs, drafting)
+    assert gate["tree"] == [[0]] and gate["threshold"] == math.inf  # the chain: 8 / (6 * 1.27) on the hard one
+    assert gate["est_speedup_slowest_category"] == pytest.approx(8 / (6 * 1.06))
+    assert gate["est_speedup"] == pytest.approx(64 / (34 * 1.06)) and gate["est_tau_parallel"] == pytest.approx(64 / 34)
+
+
+def test_stored_calibration_keeps_whole_answers_evenly_spaced_up_to_its_cap(monkeypatch):
+    """A checkpoint keeps about CALIBRATION_POSITIONS held-out positions: whole answers (the calibration walks
+    them), spread over all of them, each position's entropies and ranks together; fewer are kept whole."""
     import train
-    monkeypatch.setattr(train, "CALIBRATION_POSITIONS", 4)
-    calibration = {"entropy": torch.arange(10.0), "ranks": torch.arange(10)[:, None].repeat(1, 2)}
+    monkeypatch.setattr(train, "CALIBRATION_POSITIONS", 9)
+    ranks = torch.zeros(18, 2, dtype=torch.uint8)
+    ranks[2::3, 0] = NO_TARGET  # six answers of three rows
+    calibration = {"entropy": torch.arange(18.0), "ranks": ranks}
     thinned = calibration_sample(calibration)
-    assert thinned["entropy"].tolist() == [0.0, 3.0, 6.0, 9.0] and thinned["ranks"][:, 1].tolist() == [0, 3, 6, 9]
-    few = {name: values[:3] for name, values in calibration.items()}
+    assert thinned["entropy"].tolist() == [0, 1, 2, 6, 7, 8, 12, 13, 14]  # answers 0, 2 and 4
+    assert thinned["ranks"][:, 0].tolist() == [0, 0, NO_TARGET] * 3
+    few = {name: values[:9] for name, values in calibration.items()}
     assert all(torch.equal(calibration_sample(few)[name], few[name]) for name in few)
 
 
@@ -529,9 +552,9 @@ def test_calibration_picks_the_signal_that_separates_and_prices_a_head1_gate():
     n = 4000
     head1 = torch.rand(n) * 4
     ranks = torch.where(head1[:, None] < 1.0, 0, 200).repeat(1, 2).to(torch.uint8)
-    signals = {"backbone": torch.rand(n) * 4, "head1": head1}  # the backbone's says nothing here
+    held_out = {"ranks": ranks, "entropy": torch.rand(n) * 4, "head1_entropy": head1}  # the backbone's says nothing
     costs = {1: 1.0, 2: 1.4, 3: 1.5, 4: 1.6}
-    gate = calibrate(ranks, signals, costs, drafting={1: 0.05, 2: 0.1})
+    gate = calibrate(held_out, costs, drafting={1: 0.05, 2: 0.1})
     assert gate["gate_on"] == "head1" and 0.5 < gate["threshold"] < 2.0 and gate["est_speedup"] > 1.2
-    gate = calibrate(ranks, signals, costs, drafting={1: 1.0, 2: 1.0})
+    gate = calibrate(held_out, costs, drafting={1: 1.0, 2: 1.0})
     assert gate["threshold"] == 0.0 and gate["est_speedup"] == pytest.approx(1.0)
