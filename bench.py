@@ -91,7 +91,7 @@ def parse_tree(spec):
     return Tree(ast.literal_eval(spec)) if spec.lstrip().startswith("[") else Tree.preset(spec)
 
 
-def recalibrate(head_sets, costs, lm_weight, tree=None):
+def recalibrate(head_sets, costs, model, tree=None):
     """Re-choose each head set's tree and gate (signal, threshold) for the step costs measured here, from the
     held-out positions in its checkpoint (entropies, target ranks, task categories): a tree that pays on one
     device may lose on another.
@@ -100,7 +100,8 @@ def recalibrate(head_sets, costs, lm_weight, tree=None):
     for name, (heads, ckpt) in head_sets.items():
         where = "as stored"
         if costs is not None and "calibration" in ckpt:
-            ckpt = {**ckpt, "gate": calibrate(ckpt["calibration"], costs, draft_costs(heads, lm_weight), tree)}
+            lm_weight = model.lm_head.weight.to(next(heads.parameters()).dtype)  # the dtype the heads draft in
+            ckpt = {**ckpt, "gate": calibrate(ckpt["calibration"], costs, draft_costs(heads, lm_weight, model), tree)}
             where = "re-calibrated for the step costs here"
         spec, gate = heads.spec, ckpt["gate"]
         kind = ", ".join([spec["kind"], f"{spec['n_layers']} block(s)"] + ["reads the root"] * spec["reads_root"]
@@ -337,7 +338,7 @@ def bench(cfg, model=None, tokenizer=None, head_sets=None):
     print(f"step cost of one eager forward of T tokens on a {STEP_PREFIX}-token cache, and the trees and gates for it:")
     for T, s in costs.items():
         print(f"  T={T:<3d} {1e3 * s:8.2f} ms  {s / costs[1]:5.2f}x T=1  {'#' * round(40 * s / max(costs.values()))}")
-    head_sets = recalibrate(head_sets, costs if cfg.calibrate else None, lm_weight, fixed_tree)
+    head_sets = recalibrate(head_sets, costs if cfg.calibrate else None, model, fixed_tree)
     settings = arm_settings(arms, cfg, model, head_sets, eos_id, max_len)
     # Threshold inf: cerberus_nogate would repeat cerberus step for step; timing it twice would measure only noise.
     twins = {"cerberus", "cerberus_nogate"} <= settings.keys() and settings["cerberus"][1]["gate_threshold"] == math.inf

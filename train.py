@@ -429,37 +429,47 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def fastest(calls, rounds=7):
-    """{key: fastest wall seconds of calls[key]()}, after one warm-up call each. The calls take turns
-    within each round, so a slow spell of the machine spoils one round of every call rather than every
-    repeat of one. The minimum, not the mean: on a shared machine the noise only ever adds time."""
+def fastest(calls, rounds=7, before=lambda: None):
+    """{key: fastest wall seconds of calls[key]()}, after one warm-up call each; before() runs untimed ahead of
+    each timed call. The calls take turns within each round, so a slow spell of the machine spoils one round
+    of every call rather than every repeat of one. The minimum, not the mean: on a shared machine the noise
+    only ever adds time."""
     for call in calls.values():
         call()
     best = {key: math.inf for key in calls}
     for _ in range(rounds):
         for key, call in calls.items():
+            before()
             best[key] = min(best[key], timed(call)[1])
     return best
 
 
-@torch.no_grad()
-def step_costs(model, sizes, n_cached=256, cache=None):
-    """{T: seconds} for one backbone forward of T new tokens on a cached prefix (lm_head included).
-    cache: the KVCache to measure in (a compiled model's static one); default a fresh one."""
+def cached_forwards(model, sizes, n_cached=256, cache=None):
+    """{T: call}: one backbone forward of T new tokens on an n_cached-token prefix (lm_head included), the same
+    work at every call (the cache's length stays). cache: a compiled model's static one; default a fresh one."""
     device, V = model.embed.weight.device, model.config.vocab_size
     cache = cache_for(model, n_cached + max(sizes), cache)
     model(torch.randint(0, V, (1, n_cached), device=device), cache)
     cache.length = n_cached
     tokens = {T: torch.randint(0, V, (1, T), device=device) for T in sizes}
-    return fastest({T: lambda T=T: model(tokens[T], cache) for T in sizes})
+    return {T: lambda T=T: model(tokens[T], cache) for T in sizes}
 
 
 @torch.no_grad()
-def draft_costs(heads, lm_weight):
-    """{d: seconds} to draft with the first d heads at one position (heads, lm_head, top-k)."""
+def step_costs(model, sizes, n_cached=256, cache=None):
+    """{T: seconds} for one backbone forward of T new tokens on a cached prefix (lm_head included)."""
+    return fastest(cached_forwards(model, sizes, n_cached, cache))
+
+
+@torch.no_grad()
+def draft_costs(heads, lm_weight, model=None):
+    """{d: seconds} to draft with the first d heads at one position (heads, lm_head, top-k). Given the model,
+    each draft is timed right after a one-token forward of it, which has pushed the heads' weights out of the
+    CPU's caches, as in a decode step (there a draft can cost twice what it costs alone)."""
     hidden, draft_weight = torch.randn(heads.n_embd, device=lm_weight.device), heads.draft_weight(lm_weight)
+    forward = cached_forwards(model, [1])[1] if model is not None else (lambda: None)
     return fastest({d: lambda d=d: head_logits(heads, draft_weight, hidden, d, lm_weight[0]).topk(10, dim=-1)
-                    for d in range(1, heads.n_heads + 1)})
+                    for d in range(1, heads.n_heads + 1)}, before=forward)
 
 
 def calibrate(held_out, costs, drafting, tree=None):
@@ -626,7 +636,7 @@ def train(cfg):
                        "head1_entropy": head1_entropy(heads, lm_weight, held_out).half()}
         result = {"params": parameter_count(heads), "train_seconds": round(seconds, 1),
                   "held_out": accuracy(ranks), "held_out_by_category": accuracy_by_category(ranks, held_out),
-                  "gate": calibrate(calibration, costs, draft_costs(heads, lm_weight))}
+                  "gate": calibrate(calibration, costs, draft_costs(heads, lm_weight, model))}
         metrics["heads"][name] = result
         save_heads(os.path.join(cfg.out_dir, f"{name}.pt"), heads, model,
                    {"gate": result["gate"], "held_out": result["held_out"], "train_config": asdict(cfg),

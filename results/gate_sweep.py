@@ -35,7 +35,7 @@ def main(argv):
     lm_weight = model.lm_head.weight.to(draft_dtype)
     tree = bench.parse_tree(cfg.tree) if cfg.tree else None
     costs = step_costs(model, sorted(set(bench.STEP_SIZES) | {tree.n_nodes if tree else 1}), bench.STEP_PREFIX)
-    head_sets = bench.recalibrate({"cerberus": (heads.to(device, draft_dtype), ckpt)}, costs, lm_weight, tree)
+    head_sets = bench.recalibrate({"cerberus": (heads.to(device, draft_dtype), ckpt)}, costs, model, tree)
     max_len = max(len(p["ids"]) for p in prompts) + cfg.max_new_tokens + max(costs)
     settings = bench.arm_settings(["ar", "cerberus"], cfg, model, head_sets, eos_id, max_len)
     decoder, kwargs = settings["cerberus"]  # one decoder for every threshold: only the gate changes

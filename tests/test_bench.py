@@ -241,7 +241,7 @@ def test_recalibration_uses_the_stored_held_out_data_and_leaves_the_checkpoint_a
     ckpt = {**ckpt, "calibration": {"ranks": torch.randint(0, 3, (400, 3), dtype=torch.uint8),
                                     "entropy": torch.rand(400).half() * 4}}
     costs = {1: 0.010, 2: 0.011, 4: 0.012, 8: 0.014}  # parallel steps almost free: a tree pays
-    new = bench.recalibrate({"cerberus": (heads, ckpt)}, costs, model.lm_head.weight)
+    new = bench.recalibrate({"cerberus": (heads, ckpt)}, costs, model)
     gate = new["cerberus"][1]["gate"]
     assert ckpt["gate"]["threshold"] == 2.0 and gate is not ckpt["gate"]
     assert gate["step_costs"] == {str(k): v for k, v in costs.items()} and len(gate["tree"]) + 1 in costs
@@ -259,10 +259,10 @@ def test_a_tree_given_by_flag_gets_a_threshold_of_its_own(tiny):
     ckpt = {**ckpt, "calibration": {"ranks": ranks, "entropy": gate_entropy.half()}}
     tree = Tree.chain(2)  # 3 nodes
     costs = {1: 0.010, 3: 0.015}
-    gate = bench.recalibrate({"cerberus": (heads, ckpt)}, costs, model.lm_head.weight, tree)["cerberus"][1]["gate"]
+    gate = bench.recalibrate({"cerberus": (heads, ckpt)}, costs, model, tree)["cerberus"][1]["gate"]
     assert Tree(gate["tree"]).paths == tree.paths and 0.5 < gate["threshold"] < 2.0
     with pytest.raises(ValueError, match="tree depth 4 needs 4 heads"):
-        bench.recalibrate({"cerberus": (heads, ckpt)}, {1: 0.01, 5: 0.02}, model.lm_head.weight, Tree.chain(4))
+        bench.recalibrate({"cerberus": (heads, ckpt)}, {1: 0.01, 5: 0.02}, model, Tree.chain(4))
 
 
 def test_recalibration_chooses_a_head1_gate_where_head1_entropy_separates(tiny):
@@ -275,6 +275,6 @@ def test_recalibration_chooses_a_head1_gate_where_head1_entropy_separates(tiny):
     ranks = torch.where(head1[:, None] < 1.0, 0, 200).repeat(1, heads.n_heads).to(torch.uint8)
     ckpt = {**ckpt, "calibration": {"ranks": ranks, "entropy": (torch.rand(2000) * 4).half(),
                                     "head1_entropy": head1.half()}}
-    new = bench.recalibrate({"cerberus": (heads, ckpt)}, {1: 0.010, 3: 0.015}, model.lm_head.weight, Tree.chain(2))
+    new = bench.recalibrate({"cerberus": (heads, ckpt)}, {1: 0.010, 3: 0.015}, model, Tree.chain(2))
     gate = new["cerberus"][1]["gate"]
     assert gate["gate_on"] == "head1" and 0.5 < gate["threshold"] < 2.0

@@ -17,9 +17,9 @@ from cerberus import CerberusHeads, MedusaHeads, Tree, generate, load_heads, sav
 from conftest import TINY, perturb, tiny_gpt, write_gguf
 from model import SYSTEM_PROMPT, GPT, GPTConfig, load_gguf
 from train import (CATEGORIES, IGNORE, NO_TARGET, TrainConfig, accuracy_by_category, calibrate, calibration_sample,
-                   conversation, draft_classes, draft_vocabulary, get_data, head_set_spec, head_targets, parse_cli,
-                   read_shard, shard_data, starting_weights, target_ranks, teacher_forced_states, train_config,
-                   train_heads)
+                   conversation, draft_classes, draft_vocabulary, fastest, get_data, head_set_spec, head_targets,
+                   parse_cli, read_shard, shard_data, starting_weights, target_ranks, teacher_forced_states,
+                   train_config, train_heads)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "data"))
@@ -492,6 +492,15 @@ def test_torchrun_ddp_on_two_cpu_processes(tmp_path, monkeypatch):
     assert ckpt["train_config"]["train_dtype"] in ("float32", "bfloat16")  # "auto", resolved for this CPU
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["heads"]["cerberus"]["held_out_by_category"]) <= set(CATEGORIES) | {"second turns"}
+
+
+def test_fastest_runs_its_untimed_call_ahead_of_every_timed_one():
+    """draft_costs times each draft right after a backbone forward (`before`), as inside a decode step: the
+    forward must run before every timed call, never inside the warm-up's or in place of one."""
+    log = []
+    best = fastest({"a": lambda: log.append("a"), "b": lambda: log.append("b")}, rounds=2,
+                   before=lambda: log.append("forward"))
+    assert log == ["a", "b"] + ["forward", "a", "forward", "b"] * 2 and set(best) == {"a", "b"}
 
 
 def test_calibration_gates_off_the_hard_positions():
