@@ -27,7 +27,8 @@ def rows_of(data, keep):
     return {k: v[keep] for k, v in data.items()}
 
 
-def main():
+def setup():
+    """(cfg, model, train_data, held_out, MT-Bench positions, lm_weight, chat-like mask, as many rows of every kind)."""
     cfg = concrete_dtypes(TrainConfig(recipe="full", n_shards=0, heads="cerberus+token+root", init_from="heads",
                                       lr=3e-4, out_dir="runs/ftall"), "cpu")  # out_dir: where the cache is
     model, tokenizer = load_smollm2()
@@ -36,8 +37,13 @@ def main():
     train_data, held_out = get_data(model, tokenizer, cfg)
     lm_weight = model.lm_head.weight.to(getattr(torch, cfg.train_dtype))
     chat_like = torch.isin(train_data["category"], torch.tensor([CATEGORIES.index(c) for c in CHAT_LIKE]))
-    n = int(chat_like.sum())
-    every = torch.randperm(len(chat_like), generator=torch.Generator().manual_seed(0))[:n]  # same size, all kinds
+    every = torch.randperm(len(chat_like), generator=torch.Generator().manual_seed(0))[:int(chat_like.sum())]
+    return cfg, model, train_data, held_out, mt_bench, lm_weight, chat_like, every  # every: same size, all kinds
+
+
+def main():
+    cfg, model, train_data, held_out, mt_bench, lm_weight, chat_like, every = setup()
+    n = len(every)
     print(f"{len(chat_like):,} training positions, {n:,} of them {'/'.join(CHAT_LIKE)}; {n // cfg.batch_size:,} "
           f"steps an arm; {len(held_out['targets']):,} held out, {len(mt_bench['targets']):,} MT-Bench; lr {cfg.lr}; "
           f"{cfg.train_dtype}", flush=True)
