@@ -535,8 +535,9 @@ plt.show()
 """)
 
 md("s4", r"""
-The trees each curve picks (structure only; the backbone's forward is the cost we model, the heads and the
-step's glue add a little on top, which the calibration in `train.py` also measures):
+The trees each curve picks (structure only; the backbone's forward is the cost we model). The calibration in
+`train.py` goes further: it prices the heads' drafts too, and instead of multiplying accuracies it walks
+held-out answers step by step as decoding would, since a step that accepts tokens skips the rows behind them:
 """)
 
 code("s4", r"""
