@@ -485,6 +485,7 @@ def calibrate(held_out, costs, drafting, tree=None):
     it decides, so its AR steps pay the drafts too. The pick maximises the slowest category's tokens per
     second: a deeper tree that wins on the easy passage tasks must not lose on open requests.
     """
+    held_out = {name: values.cpu() for name, values in held_out.items()}  # a walk of small steps: the CPU's work
     ranks = held_out["ranks"]
     signals = {gate_on: held_out[key].float() for gate_on, key in (("backbone", "entropy"), ("head1", "head1_entropy"))
                if key in held_out}
