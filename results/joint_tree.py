@@ -33,12 +33,17 @@ def joint_best(ranks, n_nodes, max_rank=10):
     return Tree(chosen)
 
 
-checkpoint = torch.load(os.path.join(ROOT, "heads", "cerberus.pt"), weights_only=False, map_location="cpu")
-ranks = checkpoint["calibration"]["ranks"].long()
-grow, score = ranks[:len(ranks) // 2], ranks[len(ranks) // 2:]
-print(f"{len(ranks)} held-out positions; tau on the second half (accuracy table from all of them)")
-for n in (4, 8, 16, 32, 64):
-    independent, joint = Tree.best(checkpoint["gate"]["accuracy_table"], n), joint_best(grow, n)
-    tau = {name: 1 + accepted_lengths(score, t).float().mean().item() for name, t in (("independent", independent), ("joint", joint))}
-    print(f"  {n:2d} nodes: Tree.best {tau['independent']:.3f} (depth {independent.max_depth}), "
-          f"joint {tau['joint']:.3f} (depth {joint.max_depth})")
+def main():
+    checkpoint = torch.load(os.path.join(ROOT, "heads", "cerberus.pt"), weights_only=False, map_location="cpu")
+    ranks = checkpoint["calibration"]["ranks"].long()
+    grow, score = ranks[:len(ranks) // 2], ranks[len(ranks) // 2:]
+    print(f"{len(ranks)} held-out positions; tau on the second half (accuracy table from all of them)")
+    for n in (4, 8, 16, 32, 64):
+        independent, joint = Tree.best(checkpoint["gate"]["accuracy_table"], n), joint_best(grow, n)
+        tau = {name: 1 + accepted_lengths(score, t).float().mean().item() for name, t in (("independent", independent), ("joint", joint))}
+        print(f"  {n:2d} nodes: Tree.best {tau['independent']:.3f} (depth {independent.max_depth}), "
+              f"joint {tau['joint']:.3f} (depth {joint.max_depth})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,9 @@
-"""joint_tree.py's question asked of MT-Bench: do trees grown from the heads' joint acceptance beat Tree.best's
-(which assumes each head is right independently, as calibrate does) on other prompts than the ones they are grown
-on? Both are grown on the shipped Cerberus heads' held-out calibration positions and scored, as drafts accepted
-per tree step with no gate, there (in-sample) and on MT-Bench's first-turn AR answers (results/mt_bench_heads.py's
-cached positions; drafts in bfloat16, as the benchmark runs them). No timing.
+"""joint_tree.py's question asked of MT-Bench: do trees grown from the heads' joint acceptance (its joint_best) beat
+Tree.best's, which assumes each head is right independently as calibrate does (from the checkpoint's accuracy
+table), on other prompts than the ones they are grown on? Both are grown on the shipped Cerberus heads' held-out
+calibration positions and scored, as drafts accepted per tree step with no gate, there (in-sample) and on
+MT-Bench's first-turn AR answers (results/mt_bench_heads.py's cached positions; drafts in bfloat16, as the
+benchmark runs them). No timing.
     python results/joint_tree_mt_bench.py > results/joint_tree_mt_bench.txt
 """
 import os
@@ -14,20 +15,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "results"))
 from cerberus import Tree, load_heads  # noqa: E402
+from joint_tree import joint_best  # noqa: E402
 from model import load_smollm2  # noqa: E402
 from mt_bench_heads import mt_bench_positions  # noqa: E402
-from train import NO_TARGET, accepted_lengths, target_ranks  # noqa: E402
-
-
-def joint_fit(ranks, n_nodes, max_rank=10):
-    """The n_nodes-node tree that accepts most drafts on these ranks: the n_nodes - 1 rank prefixes the targets
-    carry most often (a child never beats its parent, so they form a tree; ties go to the shallower)."""
-    counts = {}
-    for depth in range(1, ranks.shape[1] + 1):
-        prefixes = ranks[:, :depth].long()
-        prefixes, n = torch.unique(prefixes[(prefixes < max_rank).all(1)], dim=0, return_counts=True)
-        counts.update({tuple(p.tolist()): int(c) for p, c in zip(prefixes, n)})
-    return Tree(sorted(counts, key=lambda p: (-counts[p], len(p), p))[:n_nodes - 1])
+from train import accepted_lengths, target_ranks  # noqa: E402
 
 
 @torch.no_grad()
@@ -37,13 +28,10 @@ def main():
     held_out = checkpoint["calibration"]["ranks"]
     data, _ = mt_bench_positions(model.eval(), tokenizer)
     mt_bench = target_ranks(heads.to(torch.bfloat16), model.lm_head.weight.to(torch.bfloat16), data, heads.n_heads)
-    valid = held_out != NO_TARGET
-    table = [[float(((held_out[:, k] == r) & valid[:, k]).sum() / valid[:, k].sum()) for r in range(10)]
-             for k in range(heads.n_heads)]  # as calibrate builds it
     print(f"drafts accepted per tree step, no gate; trees grown on {len(held_out)} held-out positions, "
           f"MT-Bench {len(mt_bench)} positions")
     for n in (4, 8, 16, 32, 64):
-        trees = {"Tree.best": Tree.best(table, n), "joint": joint_fit(held_out, n)}
+        trees = {"Tree.best": Tree.best(checkpoint["gate"]["accuracy_table"], n), "joint": joint_best(held_out, n)}
         print(f"  {n:2d} nodes: " + ", ".join(
             f"{name} held-out {accepted_lengths(held_out, t).float().mean():.3f} MT-Bench "
             f"{accepted_lengths(mt_bench, t).float().mean():.3f} (depth {t.max_depth})" for name, t in trees.items()))
